@@ -1,0 +1,111 @@
+"""The ``lower`` estimator: an empirical lower bound, the yardstick of tightness.
+
+Any ||J(x)|| at a point where the network is differentiable is <= the Lipschitz constant, and
+so is any secant quotient ||f(x) - f(y)|| / ||x - y||. We sample many inputs (several scales,
+so many activation regions), then hill-climb from the best ones with shrinking random steps,
+because for piecewise-linear nets ||J(x)|| is piecewise constant and its gradient is zero
+almost everywhere (DESIGN.md). The value is a true lower bound, never a certificate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..ir import evaluate
+from ..ir.graph import Graph
+from .base import Bound, Estimator, register
+from .naive import MULTI, UNARY
+
+
+def jacobians(graph: Graph, xs: torch.Tensor) -> torch.Tensor:
+    """Jacobians (B, m, n) of the flattened output w.r.t. the flattened input at ``xs``."""
+
+    def f(x):
+        return evaluate.run(graph, x).reshape(-1)
+
+    jac = torch.func.vmap(torch.func.jacrev(f))(xs)
+    return jac.reshape(xs.shape[0], jac.shape[1], -1)
+
+
+def jacobian_norms(graph: Graph, xs: torch.Tensor, norm: str) -> torch.Tensor:
+    jac = jacobians(graph, xs)
+    if norm == "2":
+        return torch.linalg.matrix_norm(jac, ord=2)
+    return jac.abs().sum(dim=-1).max(dim=-1).values
+
+
+def _batched_norms(graph: Graph, xs: torch.Tensor, norm: str, batch: int) -> torch.Tensor:
+    return torch.cat([jacobian_norms(graph, xs[i:i + batch], norm)
+                      for i in range(0, xs.shape[0], batch)])
+
+
+def sample_lower_bound(graph: Graph, norm: str = "2", *, samples: int = 256,
+                       climb_steps: int = 30, seed: int = 0,
+                       center: np.ndarray | None = None, radius: float | None = None,
+                       domain: tuple[float, float] | None = None) -> tuple[float, np.ndarray]:
+    """Largest Jacobian norm found; returns (value, the input where it was found).
+
+    With ``center`` and ``radius`` the search stays in the linf box around center (local);
+    ``domain`` clips inputs to a data range.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    shape = graph.input_shape
+    n_in = int(np.prod(shape))
+    batch = max(1, min(256, 2_000_000 // max(1, n_in * int(np.prod(graph.output_shape)))))
+
+    def project(x: torch.Tensor) -> torch.Tensor:
+        if center is not None and radius is not None:
+            c = torch.as_tensor(center, dtype=torch.float64).reshape(shape)
+            x = torch.max(torch.min(x, c + radius), c - radius)
+        if domain is not None:
+            x = x.clamp(*domain)
+        return x
+
+    if center is not None and radius is not None:
+        c = torch.as_tensor(center, dtype=torch.float64).reshape(shape)
+        u = torch.rand((samples, *shape), generator=gen, dtype=torch.float64)
+        xs = c + radius * (2 * u - 1)
+        xs[0] = c
+    else:
+        scales = torch.tensor([0.1, 1.0, 3.0, 10.0], dtype=torch.float64)
+        s = scales[torch.arange(samples) % len(scales)].reshape(-1, *([1] * len(shape)))
+        xs = torch.randn((samples, *shape), generator=gen, dtype=torch.float64) * s
+        half = samples // 2
+        xs[half:] = torch.rand((samples - half, *shape), generator=gen, dtype=torch.float64)
+    xs = project(xs)
+    with torch.no_grad():
+        norms = _batched_norms(graph, xs, norm, batch)
+    best_k = torch.topk(norms, min(8, samples)).indices
+    points, values = xs[best_k].clone(), norms[best_k].clone()
+    step = (radius if radius is not None else 1.0) * 0.5
+    for _ in range(climb_steps):
+        trial = project(points + step * torch.randn(points.shape, generator=gen,
+                                                    dtype=torch.float64))
+        with torch.no_grad():
+            tv = _batched_norms(graph, trial, norm, batch)
+        better = tv > values
+        points[better], values[better] = trial[better], tv[better]
+        if not better.any():
+            step *= 0.7
+    i = int(torch.argmax(values))
+    return float(values[i]), points[i].numpy()
+
+
+@register
+class LowerEstimator(Estimator):
+    name = "lower"
+    summary = "empirical lower bound: largest Jacobian norm found by sampling (not a bound)"
+    certificate = False
+    handlers = {**UNARY, **MULTI}
+
+    def compute(self, graph: Graph, norm: str, **options: Any) -> Bound:
+        samples = int(options.get("samples", 256))
+        value, where = sample_lower_bound(graph, norm, samples=samples,
+                                          seed=int(options.get("seed", 0)))
+        return Bound(method=self.name, norm=norm, upper=None, lower=value, sound=False,
+                     notes=["a lower bound on the Lipschitz constant (an estimate, not a "
+                            "certificate)"],
+                     details={"samples": samples})

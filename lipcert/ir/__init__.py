@@ -1,0 +1,1 @@
+"""Graph IR: ops, graph, passes, float64 evaluation."""

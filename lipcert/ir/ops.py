@@ -1,0 +1,239 @@
+"""Canonical op kinds of the lipcert IR and the facts estimators need about them.
+
+Every op works on one tensor of the model's own concrete shape (symbolic dims fixed to 1):
+the Lipschitz constant is that of the map from the flattened model input to the flattened
+output. Weights live inside the op (as onnx2torch folds constant inputs); data edges are the
+node inputs. Arrays are float64 numpy arrays. Ops carry no bounding algorithm: each estimator
+owns a table from op class to handler (as in jax_verify).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+
+class Op:
+    """Base of all IR ops. ``arity`` is the number of data inputs (-1: variadic)."""
+
+    arity = 1
+    linear = False  # affine in its input (biases allowed)
+
+    @property
+    def kind(self) -> str:
+        return type(self).__name__
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f.name: getattr(self, f.name) for f in fields(self)  # type: ignore[arg-type]
+                if isinstance(getattr(self, f.name), np.ndarray)}
+
+    def describe(self) -> str:
+        parts = []
+        for f in fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            if isinstance(v, np.ndarray):
+                parts.append(f"{f.name}={'x'.join(map(str, v.shape)) or 'scalar'}")
+            elif v is not None:
+                parts.append(f"{f.name}={v}")
+        return ", ".join(parts)
+
+
+# --- affine ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Dense(Op):
+    """y[..., i, ...] = sum_j weight[i, j] x[..., j, ...] + bias[i], contracting ``axis``."""
+
+    weight: np.ndarray
+    bias: np.ndarray | None
+    axis: int
+    linear = True
+
+
+@dataclass(frozen=True, eq=False)
+class Conv(Op):
+    """2-D convolution on an (N, C, H, W) tensor with explicit zero ``pads`` (t, l, b, r)."""
+
+    weight: np.ndarray  # (C_out, C_in / groups, kh, kw)
+    bias: np.ndarray | None
+    stride: tuple[int, int]
+    pads: tuple[int, int, int, int]
+    dilation: tuple[int, int]
+    groups: int
+    linear = True
+
+
+@dataclass(frozen=True, eq=False)
+class ConvTranspose(Op):
+    """2-D transposed convolution; the full output is cropped by ``pads`` (t, l, b, r)."""
+
+    weight: np.ndarray  # (C_in, C_out / groups, kh, kw)
+    bias: np.ndarray | None
+    stride: tuple[int, int]
+    pads: tuple[int, int, int, int]
+    output_padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    linear = True
+
+
+@dataclass(frozen=True, eq=False)
+class Scale(Op):
+    """Elementwise affine y = scale * x + shift (arrays broadcast to the tensor's rank)."""
+
+    scale: np.ndarray
+    shift: np.ndarray
+    linear = True
+
+
+@dataclass(frozen=True, eq=False)
+class Add(Op):
+    """y = sum_i coeffs[i] * x_i over data inputs of one shape (residual Add, Sub)."""
+
+    coeffs: tuple[float, ...]
+    arity = -1
+    linear = True
+
+
+@dataclass(frozen=True, eq=False)
+class Concat(Op):
+    axis: int
+    arity = -1
+    linear = True
+
+
+@dataclass(frozen=True, eq=False)
+class Reshape(Op):
+    shape: tuple[int, ...]
+    linear = True
+
+
+@dataclass(frozen=True, eq=False)
+class Transpose(Op):
+    perm: tuple[int, ...]
+    linear = True
+
+
+@dataclass(frozen=True, eq=False)
+class Slice(Op):
+    """Selects x[start:stop:step] along ``axis`` (a coordinate projection)."""
+
+    axis: int
+    start: int
+    stop: int
+    step: int
+    linear = True
+
+
+@dataclass(frozen=True, eq=False)
+class Pad(Op):
+    """Constant padding; ``pads`` lists (begin, end) per axis."""
+
+    pads: tuple[tuple[int, int], ...]
+    value: float
+    linear = True
+
+
+@dataclass(frozen=True, eq=False)
+class AvgPool(Op):
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    pads: tuple[int, int, int, int]
+    ceil_mode: bool
+    count_include_pad: bool
+    linear = True
+
+
+@dataclass(frozen=True, eq=False)
+class GlobalAvgPool(Op):
+    linear = True
+
+
+# --- nonlinear -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Relu(Op):
+    pass
+
+
+@dataclass(frozen=True, eq=False)
+class LeakyRelu(Op):
+    alpha: float
+
+
+@dataclass(frozen=True, eq=False)
+class Sigmoid(Op):
+    pass
+
+
+@dataclass(frozen=True, eq=False)
+class Tanh(Op):
+    pass
+
+
+@dataclass(frozen=True, eq=False)
+class Clip(Op):
+    """Elementwise clamp to [low, high] (ReLU6, hardtanh); slope in [0, 1]."""
+
+    low: float
+    high: float
+
+
+@dataclass(frozen=True, eq=False)
+class Softmax(Op):
+    """Softmax over the trailing axes from ``axis`` when ``flatten`` (opset < 13), else one axis."""
+
+    axis: int
+    flatten: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class GroupSort(Op):
+    """Sorts values within groups along ``axis``, descending.
+
+    ``groups`` is an int array (n_groups, g) of positions along ``axis``; the r-th largest
+    value of x[groups[k]] is written to position groups[k, r]. MaxMin is g = 2.
+    GroupSort is 1-Lipschitz in l2 and linf (Anil, Lucas, Grosse, ICML 2019).
+    """
+
+    axis: int
+    groups: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class MaxPool(Op):
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    pads: tuple[int, int, int, int]
+    dilation: tuple[int, int]
+    ceil_mode: bool
+
+
+@dataclass(frozen=True, eq=False)
+class Extremum(Op):
+    """Elementwise max or min of several data inputs (before MaxMin recognition)."""
+
+    mode: str  # "max" | "min"
+    arity = -1
+
+
+# Slope ranges [alpha, beta] of elementwise activations (derivative bounds), DESIGN.md.
+def slope_range(op: Op) -> tuple[float, float] | None:
+    """Return [alpha, beta] with alpha <= f'(t) <= beta for all t, or None if not elementwise."""
+    if isinstance(op, Relu):
+        return (0.0, 1.0)
+    if isinstance(op, LeakyRelu):
+        return (min(op.alpha, 1.0), max(op.alpha, 1.0))
+    if isinstance(op, Sigmoid):
+        return (0.0, 0.25)
+    if isinstance(op, Tanh):
+        return (0.0, 1.0)
+    if isinstance(op, Clip):
+        return (0.0, 1.0) if op.high > op.low else (0.0, 0.0)
+    return None
+
+
+ELEMENTWISE_ACTIVATIONS = (Relu, LeakyRelu, Sigmoid, Tanh, Clip)

@@ -1,0 +1,158 @@
+"""Turns an ONNX ModelProto into a lipcert Graph.
+
+Walks the nodes in topological order. Nodes whose inputs are all constants are folded with
+the ONNX reference evaluator; the others go to their op handler. Every unsupported node is
+collected (its outputs poison what depends on them) and all are reported at once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from ..errors import InputError, ModelRefused, UnsupportedNode, UnsupportedOpsError
+from ..ir.graph import Graph
+from . import handlers  # noqa: F401  (registers handlers)
+from .context import Data, ImportContext, Unsupported
+from .registry import HANDLERS
+
+MIN_OPSET, MAX_OPSET = 7, 23
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 1
+
+
+def _fold(node: onnx.NodeProto, values: list[np.ndarray | None], model: onnx.ModelProto):
+    """Evaluate a node with constant inputs by the ONNX reference implementation."""
+    from onnx.reference import ReferenceEvaluator
+
+    if node.op_type == "Constant":
+        attr = node.attribute[0]
+        value = helper.get_attribute_value(attr)
+        if isinstance(value, onnx.TensorProto):
+            return [numpy_helper.to_array(value)]
+        if attr.name == "sparse_value":
+            raise Unsupported("sparse constants")
+        return [np.asarray(value)]
+    inputs, feeds = [], {}
+    for k, (name, value) in enumerate(zip(node.input, values, strict=True)):
+        if not name:
+            inputs.append("")
+            continue
+        alias = f"in{k}"
+        inputs.append(alias)
+        feeds[alias] = value
+    outputs = [f"out{k}" if name else "" for k, name in enumerate(node.output)]
+    one = helper.make_node(node.op_type, inputs, outputs, domain=node.domain)
+    one.attribute.extend(node.attribute)
+    graph = helper.make_graph(
+        [one], "fold",
+        [helper.make_tensor_value_info(a, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+         for a, v in feeds.items()],
+        [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
+         for o in outputs if o],
+    )
+    small = helper.make_model(graph, opset_imports=list(model.opset_import),
+                              ir_version=model.ir_version)
+    try:
+        results = ReferenceEvaluator(small).run(None, feeds)
+    except Exception as exc:
+        raise Unsupported(f"cannot fold its constant inputs: {exc}") from None
+    return list(results)
+
+
+def _input_spec(model: onnx.ModelProto) -> tuple[onnx.ValueInfoProto, list[str]]:
+    initializers = {t.name for t in model.graph.initializer}
+    real = [i for i in model.graph.input if i.name not in initializers]
+    if len(real) != 1:
+        names = [i.name for i in real]
+        raise ModelRefused(f"the model has {len(real)} inputs {names}; lipcert bounds models "
+                           "with exactly one input tensor")
+    spec = real[0]
+    notes = []
+    tt = spec.type.tensor_type
+    if not tt.HasField("shape"):
+        raise ModelRefused(f"input {spec.name!r} has no declared shape")
+    return spec, notes
+
+
+def concrete_input_shape(spec: onnx.ValueInfoProto) -> tuple[tuple[int, ...], list[str]]:
+    dims, notes = [], []
+    for k, d in enumerate(spec.type.tensor_type.shape.dim):
+        if d.HasField("dim_value") and d.dim_value > 0:
+            dims.append(int(d.dim_value))
+        else:
+            label = d.dim_param or "?"
+            dims.append(1)
+            notes.append(f"symbolic input dim {k} ({label}) fixed to 1: the bound is per sample")
+    return tuple(dims), notes
+
+
+def build_graph(model: onnx.ModelProto) -> Graph:
+    """Import ``model``; raises UnsupportedOpsError listing every unsupported node."""
+    opset = default_opset(model)
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ModelRefused(f"the model uses ONNX opset {opset}; lipcert supports opsets "
+                           f"{MIN_OPSET} to {MAX_OPSET} (re-export with another opset)")
+    g = model.graph
+    spec, _ = _input_spec(model)
+    input_shape, notes = concrete_input_shape(spec)
+    if len(g.output) != 1:
+        raise ModelRefused(f"the model has {len(g.output)} outputs "
+                           f"{[o.name for o in g.output]}; lipcert bounds single-output models")
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    ctx = ImportContext(opset, used)
+    for t in g.initializer:
+        try:
+            ctx.consts[t.name] = numpy_helper.to_array(t)
+        except Exception as exc:
+            raise InputError(f"cannot read initializer {t.name!r}: {exc}") from None
+    ctx.data[spec.name] = Data(torch.zeros(input_shape, dtype=torch.float64))
+    problems: list[UnsupportedNode] = []
+    for node in g.node:
+        ctx.node = node
+        present = [i for i in node.input if i]
+        if any(i in ctx.poisoned for i in present):
+            # downstream of an unsupported node: still name it if lipcert cannot handle it
+            if node.domain not in ("", "ai.onnx") or node.op_type not in HANDLERS:
+                problems.append(UnsupportedNode(node.op_type, ctx.node_name,
+                                                "no handler for this op"))
+            ctx.poisoned.update(node.output)
+            continue
+        unknown = [i for i in present if i not in ctx.data and i not in ctx.consts]
+        if unknown:
+            raise InputError(f"node {ctx.node_name!r} ({node.op_type}) reads {unknown}, which "
+                             "no earlier node produces (graph not topologically sorted?)")
+        try:
+            if node.domain not in ("", "ai.onnx"):
+                raise Unsupported(f"op from domain {node.domain!r}")
+            if all(i in ctx.consts for i in present):
+                values = [ctx.consts[i] if i else None for i in node.input]
+                for k, value in enumerate(_fold(node, values, model)):
+                    if k < len(node.output) and node.output[k]:
+                        ctx.consts[node.output[k]] = np.asarray(value)
+                continue
+            handler = HANDLERS.get(node.op_type)
+            if handler is None:
+                raise Unsupported("no handler for this op")
+            handler(ctx)
+        except Unsupported as exc:
+            problems.append(UnsupportedNode(node.op_type, ctx.node_name, str(exc)))
+            ctx.poisoned.update(node.output)
+    if problems:
+        raise UnsupportedOpsError(problems)
+    out = g.output[0].name
+    if out in ctx.consts:
+        raise ModelRefused(f"output {out!r} does not depend on the input (a constant)")
+    if out not in ctx.data:
+        raise ModelRefused(f"output {out!r} is not produced by any node")
+    if out == spec.name:
+        raise InputError("the model's graph is empty: its output is its input")
+    return Graph(spec.name, input_shape, out, tuple(ctx.nodes), tuple(notes),
+                 meta={"opset": opset, "onnx_nodes": len(g.node)})

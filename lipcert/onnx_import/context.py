@@ -1,0 +1,142 @@
+"""State of one import: values (constants or data tensors of known shape), emitted IR
+nodes, and the helpers every op handler uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from ..errors import InputError
+from ..ir import evaluate
+from ..ir import ops as O
+from ..ir.graph import Node
+
+
+class Unsupported(Exception):
+    """Raised by a handler: this node cannot be imported, for the reason given."""
+
+
+@dataclass
+class Data:
+    """A value that depends on the model input; ``probe`` is a sample tensor of its shape."""
+
+    probe: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.probe.shape)
+
+
+class ImportContext:
+    """Holds every value seen so far; handlers read inputs and emit IR nodes through it."""
+
+    def __init__(self, opset: int, used_values: set[str]):
+        self.opset = opset
+        self.used_values = used_values
+        self.consts: dict[str, np.ndarray] = {}
+        self.data: dict[str, Data] = {}
+        self.poisoned: set[str] = set()
+        self.nodes: list[Node] = []
+        self.node: onnx.NodeProto | None = None
+        self._counter = 0
+
+    # -- reading the current node ---------------------------------------------------
+    @property
+    def node_name(self) -> str:
+        assert self.node is not None
+        return self.node.name or f"{self.node.op_type}->{self.node.output[0]}"
+
+    def attr(self, name: str, default=None):
+        assert self.node is not None
+        for a in self.node.attribute:
+            if a.name == name:
+                value = helper.get_attribute_value(a)
+                if isinstance(value, bytes):
+                    return value.decode()
+                if isinstance(value, onnx.TensorProto):
+                    return numpy_helper.to_array(value)
+                return value
+        return default
+
+    def input_name(self, i: int) -> str | None:
+        assert self.node is not None
+        if i < len(self.node.input) and self.node.input[i]:
+            return self.node.input[i]
+        return None
+
+    def n_inputs(self) -> int:
+        assert self.node is not None
+        return len(self.node.input)
+
+    def is_data(self, i: int) -> bool:
+        name = self.input_name(i)
+        return name is not None and name in self.data
+
+    def const(self, i: int, required: bool = True) -> np.ndarray | None:
+        name = self.input_name(i)
+        if name is None or name not in self.consts:
+            if required:
+                what = "missing" if name is None else "computed from the model input"
+                raise Unsupported(f"input {i} ({name}) must be a constant, but it is {what}")
+            return None
+        return self.consts[name]
+
+    def const_ints(self, i: int) -> list[int] | None:
+        value = self.const(i, required=False)
+        return None if value is None else [int(v) for v in np.asarray(value).reshape(-1)]
+
+    def data_input(self, i: int) -> str:
+        name = self.input_name(i)
+        if name is None or name not in self.data:
+            raise Unsupported(f"input {i} must be computed from the model input")
+        return name
+
+    def shape(self, value: str) -> tuple[int, ...]:
+        return self.data[value].shape
+
+    def output_used(self, i: int) -> bool:
+        assert self.node is not None
+        return i < len(self.node.output) and self.node.output[i] in self.used_values
+
+    # -- writing ----------------------------------------------------------------------
+    def emit(self, op: O.Op, inputs: list[str] | tuple[str, ...], out: str | None = None) -> str:
+        """Append an IR node; returns the name of its output value."""
+        for name, array in op.arrays().items():
+            if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+                raise InputError(f"node {self.node_name!r} ({self.node.op_type}): its {name} "
+                                 "contains NaN or infinite values; no bound exists")
+        probes = [self.data[i].probe for i in inputs]
+        try:
+            probe = evaluate.apply(op, *probes)
+        except Exception as exc:
+            raise Unsupported(f"cannot apply it to inputs of shape "
+                              f"{[tuple(p.shape) for p in probes]}: {exc}") from None
+        if out is None:
+            self._counter += 1
+            out = f"{self.node.output[0] if self.node else 'v'}#{self._counter}"
+        self.nodes.append(Node(op, tuple(inputs), out, tuple(probe.shape), self.node_name))
+        self.data[out] = Data(probe)
+        return out
+
+    def bind(self, out_index: int, value: str) -> None:
+        """The node's output ``out_index`` is the data value ``value``."""
+        assert self.node is not None
+        name = self.node.output[out_index]
+        if value == name:
+            return
+        if self.nodes and self.nodes[-1].output == value and "#" in value \
+                and self.nodes[-1].source == self.node_name:
+            # rename the last emitted node's output to the ONNX name for readability
+            last = self.nodes.pop()
+            self.nodes.append(Node(last.op, last.inputs, name, last.shape, last.source))
+            self.data[name] = self.data.pop(value)
+            return
+        self.emit(O.Reshape(self.shape(value)), [value], out=name)
+
+    def set_const(self, out_index: int, value: np.ndarray) -> None:
+        assert self.node is not None
+        self.consts[self.node.output[out_index]] = np.asarray(value)

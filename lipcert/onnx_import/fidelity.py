@@ -1,0 +1,89 @@
+"""Import fidelity: the IR's float64 forward must reproduce onnxruntime on random inputs.
+
+Bounds are computed for the IR; this check is what makes them bounds for the model as
+exported (DESIGN.md, "Soundness in floating point").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+
+from ..errors import ModelRefused
+from ..ir import evaluate
+from ..ir.graph import Graph
+
+_NP_TYPES = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.FLOAT16: np.float16,
+}
+
+
+def _ort_session(model: onnx.ModelProto):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelRefused(f"onnxruntime refuses to load the model, so lipcert cannot check "
+                           f"what it bounds: {first}") from None
+
+
+def sample_inputs(shape: tuple[int, ...], n: int, seed: int = 0) -> np.ndarray:
+    """Inputs of several scales: standard normal, [0, 1] uniform (images), and large."""
+    rng = np.random.default_rng(seed)
+    xs = [rng.standard_normal(shape) if k % 3 == 0 else
+          rng.uniform(0.0, 1.0, shape) if k % 3 == 1 else
+          10.0 * rng.standard_normal(shape) for k in range(n)]
+    return np.stack(xs)
+
+
+def check_fidelity(model: onnx.ModelProto, graph: Graph, n_samples: int = 6,
+                   rtol: float = 1e-3, seed: int = 0) -> dict:
+    """Compare onnxruntime with the IR forward; raises ModelRefused on disagreement.
+
+    The tolerance is relative to the output scale and to the float32 rounding noise of the
+    IR itself (float32 forward minus float64 forward), since ORT computes in float32.
+    """
+    session = _ort_session(model)
+    spec = session.get_inputs()[0]
+    elem = next(i for i in model.graph.input if i.name == spec.name).type.tensor_type.elem_type
+    np_type = _NP_TYPES.get(elem)
+    if np_type is None:
+        raise ModelRefused(f"input {spec.name!r} has element type "
+                           f"{onnx.TensorProto.DataType.Name(elem)}; lipcert bounds float models")
+    worst = 0.0
+    for x in sample_inputs(graph.input_shape, n_samples, seed):
+        x = x.astype(np_type)
+        try:
+            ort_out = session.run(None, {spec.name: x})[0]
+        except Exception as exc:
+            raise ModelRefused(f"onnxruntime fails to run the model: {exc}") from None
+        xt = torch.as_tensor(x.astype(np.float64))
+        with torch.no_grad():
+            ir64 = evaluate.run(graph, xt).numpy()
+            ir32 = evaluate.run(graph, xt.float()).double().numpy()
+        ort_out = np.asarray(ort_out, dtype=np.float64)
+        if ort_out.size != ir64.size:
+            raise ModelRefused(f"lipcert's import disagrees with onnxruntime on the output size "
+                               f"({ir64.shape} vs {ort_out.shape})")
+        ort_out = ort_out.reshape(ir64.shape)
+        scale = max(1.0, float(np.max(np.abs(ir64))))
+        noise = float(np.max(np.abs(ir32 - ir64)))
+        err = float(np.max(np.abs(ort_out - ir64)))
+        if not np.isfinite(ir64).all():
+            continue  # overflow on a large random input: not informative
+        if not err <= rtol * scale + 20.0 * noise:  # also catches NaN from onnxruntime
+            raise ModelRefused(
+                f"lipcert's import disagrees with onnxruntime (max abs difference {err:.3g} at "
+                f"output scale {scale:.3g}); refusing to bound a model it may misread. "
+                "Please report this model; --no-verify skips the check at your own risk")
+        worst = max(worst, err / scale)
+    return {"samples": n_samples, "max_rel_error": worst}

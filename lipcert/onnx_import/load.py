@@ -1,0 +1,69 @@
+"""Reading an ONNX file safely: clear errors for missing, empty, truncated or foreign files,
+and external tensor data only from the model's own folder."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import onnx
+from onnx import external_data_helper
+
+from ..errors import InputError
+
+
+def sha256_of(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _external_tensors(model: onnx.ModelProto):
+    yield from external_data_helper._get_all_tensors(model)
+
+
+def read_model(path: str | Path) -> onnx.ModelProto:
+    """Parse ``path`` into a ModelProto or raise :class:`InputError` with one clear line."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{path}: no such file")
+    if p.is_dir():
+        raise InputError(f"{path}: is a directory; give the path of an .onnx file")
+    data = p.read_bytes()
+    if not data:
+        raise InputError(f"{path}: the file is empty")
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise InputError(
+            f"{path}: not a readable ONNX model ({type(exc).__name__}); "
+            "is the file truncated or of another format?"
+        ) from None
+    if not model.graph.node:
+        raise InputError(f"{path}: the model's graph is empty (no nodes); is this an ONNX model?")
+    folder = p.resolve().parent
+    has_external = False
+    for tensor in _external_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        has_external = True
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        target = (folder / location).resolve()
+        if Path(location).is_absolute() or folder not in target.parents:
+            raise InputError(
+                f"{path}: tensor {tensor.name!r} keeps its data at {location!r}, outside the "
+                "model's folder; lipcert reads external data only from beside the model"
+            )
+        if not target.is_file():
+            raise InputError(
+                f"{path}: tensor {tensor.name!r} keeps its data in {location!r}, which is missing"
+            )
+    if has_external:
+        try:
+            external_data_helper.load_external_data_for_model(model, str(folder))
+        except Exception as exc:
+            raise InputError(f"{path}: cannot read external tensor data: {exc}") from None
+    return model

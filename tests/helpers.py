@@ -1,0 +1,65 @@
+"""Shared test helpers: independent truths (unrolled operators, sampled gradient norms)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+SHARED = ROOT.parent / "shared" / "onnx"
+
+
+def shared_models() -> list[dict]:
+    if not (SHARED / "models.json").is_file():
+        return []
+    return json.loads((SHARED / "models.json").read_text())
+
+
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/onnx is absent")
+
+
+def export(module: torch.nn.Module, example: torch.Tensor, path: Path, opset: int = 17,
+           dynamo: bool = False) -> Path:
+    module.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), str(path), opset_version=opset, dynamo=dynamo,
+                          input_names=["x"], output_names=["y"])
+    return path
+
+
+def unrolled(fn, in_shape: tuple[int, ...]) -> np.ndarray:
+    """The matrix of a linear map given as a torch function, by pushing the identity basis
+    through it (float64)."""
+    n = int(np.prod(in_shape))
+    eye = torch.eye(n, dtype=torch.float64).reshape(n, *in_shape)
+    with torch.no_grad():
+        cols = torch.stack([fn(e).reshape(-1) for e in eye], dim=1)
+    return cols.numpy()
+
+
+def exact_l2(matrix: np.ndarray) -> float:
+    return float(np.linalg.svd(matrix, compute_uv=False)[0])
+
+
+def sampled_gradient_lower(graph, norm: str, samples: int = 128, seed: int = 1) -> float:
+    """An independent lower bound: max Jacobian norm at random points (autograd)."""
+    from lipcert.ir import evaluate
+
+    gen = torch.Generator().manual_seed(seed)
+    best = 0.0
+    for k in range(samples):
+        scale = [0.1, 1.0, 5.0][k % 3]
+        x = torch.randn(graph.input_shape, generator=gen, dtype=torch.float64) * scale
+        jac = torch.autograd.functional.jacobian(
+            lambda v: evaluate.run(graph, v).reshape(-1), x).reshape(-1, x.numel())
+        val = (torch.linalg.matrix_norm(jac, 2) if norm == "2"
+               else jac.abs().sum(1).max())
+        best = max(best, float(val))
+    return best
