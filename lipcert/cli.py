@@ -49,6 +49,42 @@ def cli() -> None:
     """Certified Lipschitz bounds and robustness radii for ONNX neural networks."""
 
 
+def parse_options(raw: tuple[str, ...]) -> dict:
+    """KEY=VALUE pairs; values are parsed as int, float or bool when they look like one."""
+    from .errors import InputError
+
+    options: dict = {}
+    for item in raw:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--option {item!r}: expected KEY=VALUE")
+        parsed: object = value
+        for cast in (int, float):
+            try:
+                parsed = cast(value)
+                break
+            except ValueError:
+                continue
+        if value.lower() in ("true", "false"):
+            parsed = value.lower() == "true"
+        options[key.strip().replace("-", "_")] = parsed
+    return options
+
+
+def _check_device(device: str) -> str:
+    import torch
+
+    from .errors import InputError
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA device is available to torch here")
+    try:
+        torch.device(device)
+    except RuntimeError as exc:
+        raise InputError(f"--device {device}: {exc}") from None
+    return device
+
+
 def _load(model: str, no_verify: bool):
     from .onnx_import import load
 
@@ -65,15 +101,21 @@ def _load(model: str, no_verify: bool):
 @click.option("--json", "json_out", metavar="OUT", help="write results as JSON ('-': stdout)")
 @click.option("--no-verify", is_flag=True,
               help="skip the onnxruntime fidelity check (said in the result)")
-def bound(model: str, method: str, norm: str, json_out: str | None, no_verify: bool) -> None:
+@click.option("--device", default="cpu", show_default=True,
+              help="torch device for methods that use one (gram): cpu, cuda, cuda:1, ...")
+@click.option("--option", "-o", "raw_options", multiple=True, metavar="KEY=VALUE",
+              help="method setting, e.g. -o iterations=12 (repeatable)")
+def bound(model: str, method: str, norm: str, json_out: str | None, no_verify: bool,
+          device: str, raw_options: tuple[str, ...]) -> None:
     """Print one certified upper bound on MODEL's Lipschitz constant."""
     from .errors import MethodNotApplicable
     from .estimators import run_estimator
     from .report import bounds_payload, bounds_table, print_table, write_json
 
+    options = {"device": _check_device(device), **parse_options(raw_options)}
     graph = _load(model, no_verify)
     with _err.status(f"bounding with {method} …"):
-        result = run_estimator(graph, method, norm)
+        result = run_estimator(graph, method, norm, **options)
     print_table(bounds_table(graph, [result]), to_stderr=json_out == "-")
     if json_out:
         write_json(bounds_payload(graph, [result]), json_out)

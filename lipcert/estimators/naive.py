@@ -106,14 +106,18 @@ def _quadrature(op, inputs: list[float], norm: str) -> float:
 MULTI = {O.Add: _add, O.Concat: _quadrature, O.Extremum: _quadrature}
 
 
-def propagate(graph: Graph, norm: str, factor_fn) -> tuple[float, list[dict[str, Any]]]:
-    """Run the DAG rule with ``factor_fn(node, in_shape) -> (factor, how)`` for unary nodes."""
+def propagate(graph: Graph, norm: str, factor_fn,
+              combine_fn=None) -> tuple[float, list[dict[str, Any]]]:
+    """Run the DAG rule with ``factor_fn(node, in_shape) -> (factor, how)`` for unary nodes;
+    ``combine_fn(node, lip)`` may return a tighter value for a multi-input node."""
     lip = {graph.input: 1.0}
     layers: list[dict[str, Any]] = []
     for node in graph.nodes:
         ins = [lip[i] for i in node.inputs]
         if type(node.op) in MULTI:
-            lip[node.output] = MULTI[type(node.op)](node.op, ins, norm)
+            special = combine_fn(node, lip) if combine_fn is not None else None
+            lip[node.output] = special if special is not None else \
+                MULTI[type(node.op)](node.op, ins, norm)
             layers.append({"node": node.source, "op": node.op.kind, "combine": ins,
                            "value": lip[node.output]})
             continue

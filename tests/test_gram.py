@@ -1,0 +1,179 @@
+"""Gram-iteration bounds against the exact SVD of unrolled operators."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import SHARED, exact_l2, export, needs_shared, unrolled
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import lipcert
+from lipcert.estimators import gram_core as G
+from lipcert.estimators.gram import GramEstimator, merged_residual_conv
+from lipcert.ir import evaluate
+from lipcert.ir import ops as O
+
+EST = GramEstimator()
+NO_UNROLL = {"unroll_min_side": 0}
+
+
+def _exact(op, in_shape):
+    return exact_l2(unrolled(lambda x: evaluate.apply(op, x) - evaluate.apply(
+        op, torch.zeros_like(x)), in_shape))
+
+
+def _bound(op, in_shape, **options):
+    out_shape = tuple(evaluate.apply(op, torch.zeros(in_shape, dtype=torch.float64)).shape)
+    return EST.layer_bound(op, in_shape, out_shape, options)
+
+
+conv_cases = st.fixed_dictionaries({
+    "k": st.integers(1, 7), "stride": st.integers(1, 2), "dilation": st.integers(1, 2),
+    "groups": st.sampled_from([1, 2, 4]), "c": st.sampled_from([1, 2, 4, 8]),
+    "n": st.integers(2, 16), "pads": st.sampled_from(["zero", "same", "asym"]),
+    "scale": st.sampled_from([1e-6, 1.0, 1e6]), "seed": st.integers(0, 10**6)})
+
+
+def _make_conv(case):
+    k, d, g = case["k"], case["dilation"], case["groups"]
+    c_in = c_out = case["c"] * g
+    half = ((k - 1) * d) // 2
+    pads = {"zero": (0, 0, 0, 0), "same": (half,) * 4,
+            "asym": (half + 1, 0, 0, half)}[case["pads"]]
+    rng = np.random.default_rng(case["seed"])
+    w = rng.standard_normal((c_out, c_in // g, k, k)) * case["scale"]
+    return O.Conv(w, None, (case["stride"],) * 2, pads, (d, d), g), (1, c_in, case["n"], case["n"])
+
+
+def _valid(op, shape):
+    k_eff = (op.weight.shape[2] - 1) * op.dilation[0] + 1
+    return min(shape[2] + op.pads[0] + op.pads[2], shape[3] + op.pads[1] + op.pads[3]) >= k_eff
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=conv_cases)
+def test_conv_bound_sound_and_within_one_percent(case):
+    op, shape = _make_conv(case)
+    if not _valid(op, shape) or np.prod(shape) > 1024:
+        return
+    exact = _exact(op, shape)
+    value, best, cands = _bound(op, shape)
+    assert value >= exact * (1 - 1e-12), (best, cands)
+    assert value <= exact * 1.01 + 1e-300, (best, cands)
+    # the Gram candidate alone (circular embedding) must be sound too
+    assert cands["gram"] >= exact * (1 - 1e-12)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=conv_cases)
+def test_gram_circular_candidate_is_sound(case):
+    op, shape = _make_conv(case)
+    if not _valid(op, shape) or np.prod(shape) > 2048:
+        return
+    gram = G.conv_gram_bound(op.weight, shape[2:], op.stride, op.pads, op.dilation, op.groups)
+    assert gram >= _exact(op, shape) * (1 - 1e-12)
+
+
+@pytest.mark.parametrize("name,weight,shape,pads", [
+    ("zero padding n=2", np.random.default_rng(0).standard_normal((4, 4, 3, 3)), (1, 4, 2, 2),
+     (1, 1, 1, 1)),
+    ("all-zero channel", np.concatenate([np.zeros((1, 3, 3, 3)),
+                                         np.random.default_rng(1).standard_normal((3, 3, 3, 3))]),
+     (1, 3, 5, 5), (1, 1, 1, 1)),
+    ("all zero", np.zeros((2, 2, 3, 3)), (1, 2, 4, 4), (0, 0, 0, 0)),
+    ("tiny", 1e-150 * np.random.default_rng(2).standard_normal((3, 3, 3, 3)), (1, 3, 6, 6),
+     (1, 1, 1, 1)),
+    ("huge", 1e150 * np.random.default_rng(3).standard_normal((3, 3, 3, 3)), (1, 3, 6, 6),
+     (1, 1, 1, 1)),
+])
+def test_conv_regressions(name, weight, shape, pads):
+    op = O.Conv(weight, None, (1, 1), pads, (1, 1), 1)
+    exact = _exact(op, shape)
+    for options in ({}, NO_UNROLL):
+        value, best, cands = _bound(op, shape, **options)
+        assert np.isfinite(value) and value >= exact * (1 - 1e-12), (name, cands)
+    gram = G.conv_gram_bound(weight, shape[2:], (1, 1), pads, (1, 1), 1)
+    assert gram >= exact * (1 - 1e-12) and np.isfinite(gram)
+
+
+@pytest.mark.parametrize("shape", [(3, 200), (64, 64), (1, 5), (300, 2)])
+def test_dense_gram_iteration(shape):
+    rng = np.random.default_rng(0)
+    for scale in (1e-100, 1.0, 1e100):
+        w = rng.standard_normal(shape) * scale
+        exact = exact_l2(w)
+        bound = G.dense_gram_bound(w, iterations=12)
+        assert exact <= bound <= exact * 1.01
+
+
+def test_gram_spectral_bounds_decrease_with_iterations():
+    a = torch.as_tensor(np.random.default_rng(0).standard_normal((4, 16, 16)))
+    exact = torch.linalg.matrix_norm(a, 2)
+    previous = None
+    for t in range(1, 12):
+        b = G.gram_spectral_bounds(a, t)
+        assert torch.all(b >= exact)
+        if previous is not None:
+            assert torch.all(b <= previous * (1 + 1e-12))
+        previous = b
+
+
+@settings(max_examples=20, deadline=None)
+@given(k=st.integers(1, 4), stride=st.integers(1, 3), n=st.integers(2, 5), seed=st.integers(0, 999))
+def test_conv_transpose_and_avgpool(k, stride, n, seed):
+    rng = np.random.default_rng(seed)
+    op = O.ConvTranspose(rng.standard_normal((3, 2, k, k)), None, (stride, stride),
+                         (0, 0, 0, 0), (0, 0), (1, 1), 1)
+    shape = (1, 3, n, n)
+    exact = _exact(op, shape)
+    for options in ({}, NO_UNROLL):
+        value, _, cands = _bound(op, shape, **options)
+        assert value >= exact * (1 - 1e-12), cands
+    pool = O.AvgPool((k, k), (stride, stride), (0, 0, 0, 0), False, True)
+    shape = (1, 2, n + k, n + k)
+    exact = _exact(pool, shape)
+    for options in ({}, NO_UNROLL):
+        value, _, cands = _bound(pool, shape, **options)
+        assert value >= exact * (1 - 1e-12), cands
+
+
+def test_linear_residual_merges_into_i_plus_w(tmp_path):
+    class LinearResidual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            return x - self.conv(x)
+
+    torch.manual_seed(0)
+    module = LinearResidual()
+    with torch.no_grad():
+        module.conv.weight.mul_(0.2)
+    graph = lipcert.load(export(module, torch.randn(1, 3, 6, 6), tmp_path / "r.onnx"))
+    add = next(n for n in graph.nodes if isinstance(n.op, O.Add))
+    src, merged = merged_residual_conv(add, graph)
+    x = torch.randn(graph.input_shape, dtype=torch.float64)
+    full = evaluate.run(graph, x) - evaluate.run(graph, torch.zeros_like(x))
+    assert torch.allclose(evaluate.apply(merged, x), full, atol=1e-10)
+    exact = exact_l2(unrolled(lambda v: evaluate.run(graph, v) - evaluate.run(
+        graph, torch.zeros_like(v)), graph.input_shape))
+    result = lipcert.bound(graph, "gram")
+    naive = lipcert.bound(graph, "naive")
+    assert exact <= result.upper <= exact * 1.01 < naive.upper
+    assert result.details["residual_merges"]
+
+
+@needs_shared
+@pytest.mark.parametrize("name", ["resnet_2b.onnx", "cifar_base_kw.onnx", "Convnet_avgpool.onnx",
+                                  "Convnet_maxpool.onnx",
+                                  "cGAN_imgSz32_nCh_3_nonlinear_activations.onnx"])
+def test_gram_below_naive_on_shared_conv_models(name):
+    graph = lipcert.load(SHARED / name)
+    gram, naive = lipcert.bound(graph, "gram"), lipcert.bound(graph, "naive")
+    assert gram.upper <= naive.upper * (1 + 1e-12)
+    if name in ("resnet_2b.onnx", "cifar_base_kw.onnx"):
+        assert gram.upper < 0.9 * naive.upper
