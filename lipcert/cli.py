@@ -123,6 +123,115 @@ def bound(model: str, method: str, norm: str, json_out: str | None, no_verify: b
         raise MethodNotApplicable(result.notes[-1])
 
 
+CERTIFY_KEYS = {"model", "data", "labels", "eps", "norm", "method", "min_certified_accuracy",
+                "report_eps", "options", "device"}
+
+
+def read_certify_config(path: str) -> dict:
+    """The [certify] table of a TOML file; relative paths are relative to the file."""
+    import tomllib
+    from pathlib import Path
+
+    from .errors import InputError
+
+    cfg_path = Path(path)
+    try:
+        data = tomllib.loads(cfg_path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"{path}: invalid TOML: {exc}") from None
+    section = data.get("certify", data)
+    unknown = set(section) - CERTIFY_KEYS
+    if unknown:
+        raise InputError(f"{path}: unknown keys {sorted(unknown)} in [certify]; known: "
+                         f"{sorted(CERTIFY_KEYS)}")
+    for key in ("model", "data", "labels"):
+        if key in section and not Path(section[key]).is_absolute():
+            section[key] = str(cfg_path.parent / section[key])
+    return section
+
+
+@cli.command()
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("--data", help="test data: .npz with arrays x and y, or x.npy with --labels")
+@click.option("--labels", help="labels .npy when --data is an .npy")
+@click.option("--eps", type=float, help="radius to certify (in the norm of --norm)")
+@click.option("--norm", "-n", type=NORM, help="2 or inf  [default: 2]")
+@click.option("--method", "-m", help="global bounding method  [default: naive]")
+@click.option("--min-certified-accuracy", "gate", type=float,
+              help="CI gate: exit 1 if certified accuracy at eps is below this fraction")
+@click.option("--report-eps", help="comma-separated radii for the summary (default: eps x "
+                                   "0.25, 0.5, 1, 2, 4)")
+@click.option("--json", "json_out", metavar="OUT", help="write results as JSON ('-': stdout)")
+@click.option("--junit", metavar="OUT.xml", help="write a JUnit XML report (gate test case)")
+@click.option("--junit-per-sample", is_flag=True, help="also one JUnit test case per sample")
+@click.option("--config", "config_path", help="TOML file with a [certify] table")
+@click.option("--no-verify", is_flag=True, help="skip the onnxruntime fidelity check")
+@click.option("--device", help="torch device for methods that use one  [default: cpu]")
+@click.option("--option", "-o", "raw_options", multiple=True, metavar="KEY=VALUE",
+              help="method setting (repeatable)")
+def certify(model, data, labels, eps, norm, method, gate, report_eps, json_out, junit,
+            junit_per_sample, config_path, no_verify, device, raw_options) -> None:
+    """Certified radius per sample and certified accuracy; a CI gate (exit 1 below it)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from . import certify as C
+    from .errors import InputError
+    from .estimators import parse_norm
+    from .report import certify_payload, certify_table, print_table, write_json, write_junit
+
+    cfg = read_certify_config(config_path) if config_path else {}
+    model = model or cfg.get("model")
+    data = data or cfg.get("data")
+    labels = labels or cfg.get("labels")
+    eps = eps if eps is not None else cfg.get("eps")
+    norm = parse_norm(norm or cfg.get("norm", "2"))
+    method = method or cfg.get("method", "naive")
+    gate = gate if gate is not None else cfg.get("min_certified_accuracy")
+    options = {**cfg.get("options", {}), **parse_options(raw_options)}
+    options["device"] = _check_device(device or cfg.get("device", "cpu"))
+    required = (("MODEL", model), ("--data", data), ("--eps", eps))
+    missing = [name for name, value in required if value is None]
+    if missing:
+        raise InputError(f"certify needs {', '.join(missing)} (on the command line or in "
+                         "--config)")
+    if gate is not None and not 0.0 <= float(gate) <= 1.0:
+        raise InputError(f"--min-certified-accuracy {gate}: give a fraction in [0, 1], "
+                         "e.g. 0.8")
+    eps = float(eps)
+    if report_eps:
+        try:
+            eps_list = sorted({float(e) for e in str(report_eps).split(",") if e.strip()})
+        except ValueError:
+            raise InputError(f"--report-eps {report_eps!r}: expected numbers") from None
+    elif cfg.get("report_eps"):
+        eps_list = sorted(float(e) for e in cfg["report_eps"])
+    else:
+        eps_list = sorted({eps * k for k in (0.25, 0.5, 1.0, 2.0, 4.0)} | {0.0})
+    eps_list = sorted(set(eps_list) | {eps})
+    x, y = C.load_data(data, labels)
+    graph = _load(model, no_verify)
+    with Progress("[progress.description]{task.description}", BarColumn(),
+                  MofNCompleteColumn(), TimeElapsedColumn(), console=_err,
+                  transient=True) as progress:
+        task = progress.add_task(f"bounding logit differences ({method}, l{norm})", total=None)
+
+        def tick(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        cert = C.certify(graph, x, y, eps=eps, method=method, norm=norm, options=options,
+                         progress=tick)
+    summary = cert.summary(eps_list)
+    print_table(certify_table(graph, cert, summary, gate), to_stderr=json_out == "-")
+    if json_out:
+        write_json(certify_payload(graph, cert, summary, gate), json_out)
+    if junit:
+        write_junit(junit, graph, cert, summary, gate, junit_per_sample)
+    if gate is not None and summary["certified_accuracy"] < float(gate):
+        sys.exit(1)
+
+
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--no-verify", is_flag=True, help="skip the onnxruntime fidelity check")

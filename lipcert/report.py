@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -35,8 +36,6 @@ def bounds_payload(graph: Graph, bounds: list[Bound], **extra: Any) -> dict[str,
 
 
 def _json_default(obj: Any):
-    import numpy as np
-
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
@@ -91,3 +90,80 @@ def inspect_table(graph: Graph) -> Table:
         table.add_row(str(k), node.op.kind, ", ".join(node.inputs), str(node.shape),
                       f"{params:,}" if params else "", node.source, node.op.describe())
     return table
+
+
+def certify_table(graph: Graph, cert, summary: dict[str, Any], gate: float | None) -> Table:
+    title = (f"lipcert certify: {Path(str(graph.meta.get('path', 'model'))).name} "
+             f"(l{cert.norm}, {cert.method}, eps={cert.eps:g})")
+    table = Table(title=title)
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    table.add_row("samples", str(summary["samples"]))
+    table.add_row("clean accuracy", f"{summary['clean_accuracy']:.2%}")
+    for eps, acc in summary["certified_accuracy_at"].items():
+        mark = " ◀" if float(eps) == cert.eps else ""
+        table.add_row(f"certified accuracy @ {eps}{mark}", f"{acc:.2%}")
+    for q, r in summary["radius_percentiles"].items():
+        table.add_row(f"certified radius {q}", fmt(r, 4))
+    finite = cert.pair_bounds[np.isfinite(cert.pair_bounds) & (cert.pair_bounds > 0)]
+    if finite.size:
+        table.add_row("logit-difference bounds L_yj", f"{fmt(finite.min(), 4)} .. "
+                                                      f"{fmt(finite.max(), 4)}")
+    if gate is not None:
+        ok = summary["certified_accuracy"] >= gate
+        table.add_row("gate", f"[{'green' if ok else 'red'}]{'PASS' if ok else 'FAIL'}"
+                              f"[/]: {summary['certified_accuracy']:.2%} "
+                              f"{'>=' if ok else '<'} {gate:.2%}")
+    return table
+
+
+def certify_payload(graph: Graph, cert, summary: dict[str, Any], gate: float | None,
+                    per_sample: bool = True) -> dict[str, Any]:
+    payload = {
+        "lipcert_version": __version__, "model": model_info(graph),
+        "method": cert.method, "norm": cert.norm, "eps": cert.eps,
+        "summary": summary, "notes": cert.notes,
+        "gate": None if gate is None else {
+            "min_certified_accuracy": gate,
+            "passed": summary["certified_accuracy"] >= gate},
+        "pair_bounds": cert.pair_bounds.tolist(),
+    }
+    if per_sample:
+        payload["samples"] = [
+            {"index": i, "label": int(cert.labels[i]), "prediction": int(cert.predictions[i]),
+             "margin": float(cert.margins[i]), "radius": float(cert.radii[i]),
+             "certified": bool(cert.certified(cert.eps)[i])}
+            for i in range(len(cert.labels))]
+    return payload
+
+
+def write_junit(path: str, graph: Graph, cert, summary: dict[str, Any], gate: float | None,
+                per_sample: bool) -> None:
+    """JUnit XML: one test case for the gate (and optionally one per sample)."""
+    import xml.etree.ElementTree as ET
+
+    name = Path(str(graph.meta.get("path", "model"))).name
+    suite = ET.Element("testsuite", name=f"lipcert certify {name}")
+    cases = 0
+    failures = 0
+    if gate is not None:
+        case = ET.SubElement(suite, "testcase", classname=f"lipcert.{name}",
+                             name=f"certified accuracy l{cert.norm} eps={cert.eps:g} >= {gate:g}")
+        cases += 1
+        if summary["certified_accuracy"] < gate:
+            failures += 1
+            ET.SubElement(case, "failure", message=(
+                f"certified accuracy {summary['certified_accuracy']:.4f} < {gate:.4f}"))
+    if per_sample:
+        certified = cert.certified(cert.eps)
+        for i in range(len(cert.labels)):
+            case = ET.SubElement(suite, "testcase", classname=f"lipcert.{name}.samples",
+                                 name=f"sample {i}")
+            cases += 1
+            if not certified[i]:
+                ET.SubElement(case, "skipped", message=(
+                    f"not certified at eps={cert.eps:g}: radius {cert.radii[i]:.4g}, "
+                    f"label {cert.labels[i]}, prediction {cert.predictions[i]}"))
+    suite.set("tests", str(cases))
+    suite.set("failures", str(failures))
+    ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)

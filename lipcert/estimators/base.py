@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -84,6 +85,22 @@ class Estimator:
 
     def compute(self, graph: Graph, norm: str, **options: Any) -> Bound:  # pragma: no cover
         raise NotImplementedError
+
+
+_FACTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def cached_factor(op: Any, key: tuple, compute):
+    """Memoise a per-layer result on the op object (ops are immutable): certification bounds
+    many graphs that share all but their last layer."""
+    per_op = _FACTORS.setdefault(op, {})
+    if key not in per_op:
+        per_op[key] = compute()
+    return per_op[key]
+
+
+def options_key(options: dict) -> tuple:
+    return tuple(sorted((k, repr(v)) for k, v in options.items()))
 
 
 def weighted_onnx_nodes(graph: Graph) -> int:

@@ -23,7 +23,7 @@ from ..ir import evaluate
 from ..ir import ops as O
 from ..ir.graph import Graph, Node
 from . import layer_norms as N
-from .base import Bound, Estimator, register
+from .base import Bound, Estimator, cached_factor, options_key, register
 from .gram_core import conv_gram_bound, dense_gram_bound
 from .naive import MULTI, UNARY, propagate
 from .rounding import mul_up
@@ -191,9 +191,12 @@ class GramEstimator(Estimator):
     handlers = {**UNARY, **MULTI}
 
     def layer_bound(self, op: O.Op, in_shape, out_shape, options) -> tuple[float, str, dict]:
-        cands = CANDIDATES[type(op)](op, in_shape, out_shape, options)
-        best = min(cands, key=cands.get)
-        return cands[best], best, cands
+        def compute():
+            cands = CANDIDATES[type(op)](op, in_shape, out_shape, options)
+            best = min(cands, key=cands.get)
+            return cands[best], best, cands
+
+        return cached_factor(op, (self.name, tuple(in_shape), options_key(options)), compute)
 
     def compute(self, graph: Graph, norm: str, **options: Any) -> Bound:
         def factor(node: Node, in_shape):

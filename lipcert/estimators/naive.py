@@ -17,7 +17,7 @@ import numpy as np
 from ..ir import ops as O
 from ..ir.graph import Graph, Node
 from . import layer_norms as N
-from .base import Bound, Estimator, register
+from .base import Bound, Estimator, cached_factor, register
 from .rounding import add_up, mul_up, sqrt_up
 
 
@@ -137,7 +137,8 @@ class NaiveEstimator(Estimator):
 
     def compute(self, graph: Graph, norm: str, **options: Any) -> Bound:
         def factor(node: Node, in_shape):
-            return UNARY[type(node.op)](node.op, node, in_shape, norm)
+            return cached_factor(node.op, (self.name, norm, in_shape),
+                                 lambda: UNARY[type(node.op)](node.op, node, in_shape, norm))
 
         value, layers = propagate(graph, norm, factor)
         notes = []
