@@ -123,35 +123,6 @@ def bound(model: str, method: str, norm: str, json_out: str | None, no_verify: b
         raise MethodNotApplicable(result.notes[-1])
 
 
-CERTIFY_KEYS = {"model", "data", "labels", "eps", "norm", "method", "min_certified_accuracy",
-                "report_eps", "options", "device"}
-
-
-def read_certify_config(path: str) -> dict:
-    """The [certify] table of a TOML file; relative paths are relative to the file."""
-    import tomllib
-    from pathlib import Path
-
-    from .errors import InputError
-
-    cfg_path = Path(path)
-    try:
-        data = tomllib.loads(cfg_path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such config file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"{path}: invalid TOML: {exc}") from None
-    section = data.get("certify", data)
-    unknown = set(section) - CERTIFY_KEYS
-    if unknown:
-        raise InputError(f"{path}: unknown keys {sorted(unknown)} in [certify]; known: "
-                         f"{sorted(CERTIFY_KEYS)}")
-    for key in ("model", "data", "labels"):
-        if key in section and not Path(section[key]).is_absolute():
-            section[key] = str(cfg_path.parent / section[key])
-    return section
-
-
 @cli.command()
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("--data", help="test data: .npz with arrays x and y, or x.npy with --labels")
@@ -177,11 +148,13 @@ def certify(model, data, labels, eps, norm, method, gate, report_eps, json_out, 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from . import certify as C
+    from .config import method_options, read_config
     from .errors import InputError
     from .estimators import parse_norm
     from .report import certify_payload, certify_table, print_table, write_json, write_junit
 
-    cfg = read_certify_config(config_path) if config_path else {}
+    full_cfg = read_config(config_path)
+    cfg = full_cfg.get("certify", {})
     model = model or cfg.get("model")
     data = data or cfg.get("data")
     labels = labels or cfg.get("labels")
@@ -189,7 +162,8 @@ def certify(model, data, labels, eps, norm, method, gate, report_eps, json_out, 
     norm = parse_norm(norm or cfg.get("norm", "2"))
     method = method or cfg.get("method", "naive")
     gate = gate if gate is not None else cfg.get("min_certified_accuracy")
-    options = {**cfg.get("options", {}), **parse_options(raw_options)}
+    options = {**method_options(full_cfg, method), **cfg.get("options", {}),
+               **parse_options(raw_options)}
     options["device"] = _check_device(device or cfg.get("device", "cpu"))
     required = (("MODEL", model), ("--data", data), ("--eps", eps))
     missing = [name for name, value in required if value is None]
@@ -230,6 +204,94 @@ def certify(model, data, labels, eps, norm, method, gate, report_eps, json_out, 
         write_junit(junit, graph, cert, summary, gate, junit_per_sample)
     if gate is not None and summary["certified_accuracy"] < float(gate):
         sys.exit(1)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--methods", default=None,
+              help="comma-separated methods  [default: naive,gram,lipsdp,local,exact]")
+@click.option("--norm", "-n", type=NORM, help="2 or inf  [default: 2]")
+@click.option("--input", "input_path", help="point x0 (.npy, or .npz with --index) for a local "
+                                            "box of radius --eps")
+@click.option("--index", type=int, help="sample index in --input's batch")
+@click.option("--eps", type=float, help="linf radius of the box around --input")
+@click.option("--domain", help="input range LOW,HIGH (clips the box; exact's domain)")
+@click.option("--timeout", type=float, help="seconds per method  [default: 120]")
+@click.option("--json", "json_out", metavar="OUT", help="write results as JSON ('-': stdout)")
+@click.option("--markdown", metavar="OUT", help="write a Markdown table ('-': stdout)")
+@click.option("--plot", metavar="OUT.png", help="write a bar chart (log scale)")
+@click.option("--config", "config_path", help="TOML file: [compare] and [methods.NAME]")
+@click.option("--no-verify", is_flag=True, help="skip the onnxruntime fidelity check")
+@click.option("--device", default="cpu", show_default=True, help="torch device (gram)")
+def compare(model, methods, norm, input_path, index, eps, domain, timeout, json_out, markdown,
+            plot, config_path, no_verify, device) -> None:
+    """Every method side by side with a lower bound, the tightness ratio and the time."""
+    from . import compare as CMP
+    from .config import load_point, read_config
+    from .errors import InputError
+    from .estimators import parse_norm
+    from .report import (
+        bounds_payload,
+        compare_markdown,
+        compare_plot,
+        compare_table,
+        print_table,
+        write_json,
+    )
+
+    cfg = read_config(config_path)
+    section = cfg.get("compare", {})
+    names = methods.split(",") if methods else list(section.get("methods",
+                                                                 CMP.DEFAULT_METHODS))
+    names = [m.strip() for m in names if m.strip()]
+    norm = parse_norm(norm or section.get("norm", "2"))
+    timeout = float(timeout if timeout is not None else section.get("timeout", 120.0))
+    region: dict = {}
+    if domain:
+        try:
+            lo, hi = (float(v) for v in domain.split(","))
+        except ValueError:
+            raise InputError(f"--domain {domain!r}: expected LOW,HIGH") from None
+        region["domain"] = (lo, hi)
+    if input_path is not None or eps is not None:
+        if input_path is None or eps is None:
+            raise InputError("a local comparison needs both --input and --eps")
+        if eps < 0:
+            raise InputError("--eps must be >= 0")
+        region.update(center=load_point(input_path, index).reshape(-1), eps=float(eps))
+    options = {name: {**cfg.get("methods", {}).get(name, {})} for name in [*names, "lower"]}
+    _check_device(device)
+    for name in names:
+        options[name].setdefault("device", device)
+    graph = _load(model, no_verify)
+    n_inputs = 1
+    for d in graph.input_shape:
+        n_inputs *= d
+    if "center" in region and region["center"].size != n_inputs:
+        raise InputError(f"--input has {region['center'].size} values; the model takes "
+                         f"{graph.input_shape}")
+    with _err.status("comparing …") as status:
+        results, lower = CMP.compare(
+            graph, names, norm, options=options, timeout=timeout, region=region,
+            progress=lambda m: status.update(f"running {m} …"))
+    rows = CMP.compare_payload_rows(results, lower)
+    print_table(compare_table(graph, rows, lower), to_stderr="-" in (json_out, markdown))
+    if json_out:
+        payload = bounds_payload(graph, [], lower_bound=lower.to_json(),
+                                 region={k: v for k, v in region.items() if k != "center"}
+                                 | ({"has_center": True} if "center" in region else {}))
+        payload["results"] = rows
+        write_json(payload, json_out)
+    if markdown:
+        text = compare_markdown(graph, rows, lower)
+        if markdown == "-":
+            click.echo(text)
+        else:
+            from pathlib import Path
+
+            Path(markdown).write_text(text)
+    if plot:
+        compare_plot(graph, rows, lower, plot)
 
 
 @cli.command()

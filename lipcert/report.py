@@ -167,3 +167,80 @@ def write_junit(path: str, graph: Graph, cert, summary: dict[str, Any], gate: fl
     suite.set("tests", str(cases))
     suite.set("failures", str(failures))
     ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
+
+
+def compare_table(graph: Graph, rows: list[dict[str, Any]], lower) -> Table:
+    path = Path(str(graph.meta.get("path", "model"))).name
+    norm = rows[0]["norm"] if rows else lower.norm
+    table = Table(title=f"lipcert compare: {path} (l{norm}); lower bound {fmt(lower.lower)}")
+    for col, just in (("method", "left"), ("upper bound", "right"), ("lower bound", "right"),
+                      ("upper / lower", "left"), ("time", "right"), ("status / notes", "left")):
+        table.add_column(col, justify=just, overflow="fold")
+    for row in rows:
+        style = "bold green" if row["best"] else None
+        upper = fmt(row["upper"]) if row["upper"] is not None else "-"
+        if not row["sound"] and row["upper"] is not None:
+            upper += " (ref)"
+        status = _status(row)
+        table.add_row(row["method"], upper, fmt(row["lower_bound"]), row["tightness"],
+                      f"{row['time_s']:.2f}s", status, style=style)
+    return table
+
+
+def _status(row: dict[str, Any]) -> str:
+    if row["upper"] is None:
+        return next((n for n in reversed(row["notes"]) if not n.startswith(
+            ("symbolic", "import", "includes"))), "no bound")
+    parts = ["best" if row["best"] else ("certified" if row["sound"] else "reference")]
+    if row.get("scope") not in (None, "global"):
+        parts.append(f"scope {row['scope']}")
+    return ", ".join(parts)
+
+
+def compare_markdown(graph: Graph, rows: list[dict[str, Any]], lower) -> str:
+    path = Path(str(graph.meta.get("path", "model"))).name
+    norm = rows[0]["norm"] if rows else lower.norm
+    lines = [f"### lipcert compare: `{path}` (l{norm})", "",
+             f"Empirical lower bound: **{fmt(lower.lower)}**", "",
+             "| method | upper bound | upper / lower | time | status |",
+             "|---|---:|---|---:|---|"]
+    for row in rows:
+        upper = fmt(row["upper"]) if row["upper"] is not None else "—"
+        if row["best"]:
+            upper = f"**{upper}**"
+        status = _status(row).replace("|", "\\|")
+        lines.append(f"| {row['method']} | {upper} | {row['tightness']} | "
+                     f"{row['time_s']:.2f} s | {status} |")
+    return "\n".join(lines) + "\n"
+
+
+def compare_plot(graph: Graph, rows: list[dict[str, Any]], lower, path: str) -> None:
+    """Bar chart (log scale) of each method's bound against the lower bound."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from .errors import InputError
+
+        raise InputError("--plot needs matplotlib: pip install 'lipcert[plot]'") from None
+    shown = [r for r in rows if r["upper"] is not None and math.isfinite(r["upper"])]
+    fig, ax = plt.subplots(figsize=(1.6 * max(3, len(shown)) + 1, 4))
+    names = [r["method"] for r in shown]
+    values = [r["upper"] for r in shown]
+    colors = ["tab:green" if r["best"] else ("tab:blue" if r["sound"] else "tab:gray")
+              for r in shown]
+    ax.bar(names, values, color=colors)
+    if lower.lower:
+        ax.axhline(lower.lower, color="tab:red", linestyle="--",
+                   label=f"lower bound {fmt(lower.lower, 4)}")
+        ax.legend()
+    ax.set_yscale("log")
+    ax.set_ylabel(f"Lipschitz bound (l{lower.norm})")
+    ax.set_title(f"{Path(str(graph.meta.get('path', 'model'))).name}")
+    for i, v in enumerate(values):
+        ax.text(i, v, fmt(v, 3), ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

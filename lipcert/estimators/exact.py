@@ -1,0 +1,304 @@
+"""The ``exact`` estimator: LipMIP (Jordan and Dimakis, NeurIPS 2020) for small ReLU chains.
+
+Over an input box X, the linf -> linf Lipschitz constant is
+    max_{x in X} max_i ||grad f_i(x)||_1,
+with grad f_i = W_1^T D_1 W_2^T ... D_{K-1} W_K^T e_i and D_k = diag(a_k), a_k the ReLU
+activation pattern at x. We encode, per output i, one mixed-integer program:
+- forward ReLUs with big-M constraints from interval bounds on the box (a binary a per
+  unstable neuron; stable neurons are fixed);
+- backward products p = a * v linearised exactly with interval bounds on v (McCormick is
+  exact for a binary a);
+- the l1 norm of the input gradient with one binary sign per input coordinate.
+solved with scipy's HiGHS ``milp``. The maximum over the binary patterns covers the extreme
+points of Clarke's generalised Jacobian, so it is the exact (local, on X) constant.
+
+HiGHS works to tolerances: the value is a reference (solver dual bound), not a
+float-rigorous certificate. Refuses networks above a size limit.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import lil_matrix
+
+from ..errors import InputError, MethodNotApplicable
+from ..ir import ops as O
+from ..ir.graph import Graph
+from .base import Bound, Estimator, register
+
+MAX_RELUS = 200
+MAX_INPUTS = 400
+
+
+def relu_chain(graph: Graph) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(W, b) of each affine layer of a Dense/Relu chain (layout ops and Scales allowed)."""
+    layers: list[list[np.ndarray]] = []
+    pending_relu = False
+    n_in = int(np.prod(graph.input_shape))
+    current = (np.eye(n_in), np.zeros(n_in))  # affine map accumulated since the last ReLU
+    for node in graph.nodes:
+        op = node.op
+        if isinstance(op, O.Reshape):
+            continue
+        if isinstance(op, O.Dense):
+            if len(node.shape) - 1 != op.axis or int(np.prod(node.shape[:-1])) != 1:
+                raise MethodNotApplicable(f"method exact needs dense layers on vectors (node "
+                                          f"{node.source!r})")
+            w, b = current
+            bias = op.bias if op.bias is not None else 0.0
+            current = (op.weight @ w, op.weight @ b + bias)
+        elif isinstance(op, O.Scale) and op.scale.size == 1 and op.shift.size == 1:
+            w, b = current
+            current = (float(op.scale.reshape(-1)[0]) * w,
+                       float(op.scale.reshape(-1)[0]) * b + float(op.shift.reshape(-1)[0]))
+        elif isinstance(op, O.Relu):
+            layers.append(list(current))
+            current = (np.eye(current[0].shape[0]), np.zeros(current[0].shape[0]))
+            pending_relu = True
+        else:
+            raise MethodNotApplicable(f"method exact supports chains of Dense and Relu only; "
+                                      f"node {node.source!r} is {op.kind}")
+    layers.append(list(current))
+    del pending_relu
+    return [(np.asarray(w, dtype=np.float64), np.asarray(b, dtype=np.float64))
+            for w, b in layers]
+
+
+def interval_bounds(layers, low: np.ndarray, high: np.ndarray):
+    """Pre-activation bounds of every hidden layer (interval arithmetic)."""
+    bounds = []
+    lo, hi = low, high
+    for w, b in layers[:-1]:
+        wp, wn = np.maximum(w, 0), np.minimum(w, 0)
+        zl, zu = wp @ lo + wn @ hi + b, wp @ hi + wn @ lo + b
+        bounds.append((zl, zu))
+        lo, hi = np.maximum(zl, 0), np.maximum(zu, 0)
+    return bounds
+
+
+class _Program:
+    """A growing MILP in scipy's matrix form: maximise c^T v."""
+
+    def __init__(self):
+        self.lb: list[float] = []
+        self.ub: list[float] = []
+        self.integer: list[int] = []
+        self.rows: list[tuple[dict[int, float], float, float]] = []
+        self.objective: dict[int, float] = {}
+
+    def var(self, lo: float, hi: float, integer: bool = False) -> int:
+        self.lb.append(lo)
+        self.ub.append(hi)
+        self.integer.append(1 if integer else 0)
+        return len(self.lb) - 1
+
+    def row(self, coeffs: dict[int, float], lo: float = -np.inf, hi: float = np.inf) -> None:
+        self.rows.append((coeffs, lo, hi))
+
+    def solve(self, time_limit: float):
+        n = len(self.lb)
+        a = lil_matrix((len(self.rows), n))
+        lo, hi = [], []
+        for r, (coeffs, rl, rh) in enumerate(self.rows):
+            for j, v in coeffs.items():
+                a[r, j] += v
+            lo.append(rl)
+            hi.append(rh)
+        c = np.zeros(n)
+        for j, v in self.objective.items():
+            c[j] -= v  # milp minimises
+        constraints = [LinearConstraint(a.tocsr(), lo, hi)] if self.rows else []
+        return milp(c, constraints=constraints, integrality=np.array(self.integer),
+                    bounds=Bounds(self.lb, self.ub),
+                    options={"time_limit": time_limit, "mip_rel_gap": 1e-9, "disp": False})
+
+
+def _affine(w_row: np.ndarray, inputs: list[int], const: float = 0.0) -> tuple[dict, float]:
+    return {j: float(v) for j, v in zip(inputs, w_row, strict=True) if v != 0.0}, const
+
+
+def lipmip_output(layers, low, high, output: int, time_limit: float) -> tuple[float, float, str]:
+    """(dual bound, incumbent, status) of max_x ||grad f_output(x)||_1 on the box."""
+    prog = _Program()
+    pre = interval_bounds(layers, low, high)
+    x = [prog.var(float(lo), float(hi)) for lo, hi in zip(low, high, strict=True)]
+    prev = x
+    patterns = []  # per hidden layer: list of (kind, var) with kind in {"on", "off", "bin"}
+    for (w, b), (zl, zu) in zip(layers[:-1], pre, strict=True):
+        h, pattern = [], []
+        for k in range(w.shape[0]):
+            coeffs, _ = _affine(w[k], prev)
+            if zu[k] <= 0:
+                h.append(None)
+                pattern.append(("off", None))
+                continue
+            hv = prog.var(0.0, float(max(zu[k], 0.0)))
+            if zl[k] >= 0:
+                row = {**{j: -v for j, v in coeffs.items()}, hv: 1.0}
+                prog.row(row, float(b[k]), float(b[k]))  # h = z
+                pattern.append(("on", None))
+            else:
+                a = prog.var(0.0, 1.0, integer=True)
+                neg = {j: -v for j, v in coeffs.items()}
+                prog.row({**neg, hv: 1.0}, float(b[k]), np.inf)  # h >= z
+                prog.row({hv: 1.0, a: -float(zu[k])}, -np.inf, 0.0)  # h <= u a
+                prog.row({**neg, hv: 1.0, a: -float(zl[k])}, -np.inf,
+                         float(b[k]) - float(zl[k]))  # h <= z - l (1 - a)
+                pattern.append(("bin", a))
+            h.append(hv)
+        patterns.append(pattern)
+        prev = [v for v in h]
+        # neurons fixed off contribute nothing downstream
+        prev = [v if v is not None else prog.var(0.0, 0.0) for v in prev]
+
+    # backward pass: v = gradient w.r.t. the current hidden layer's output (constant at start)
+    v_const = layers[-1][0][output].astype(np.float64)
+    v_vars: list[int] | None = None
+    v_lo = v_hi = v_const
+    grad_vars: list[tuple[dict, float]] | None = None
+    for depth in range(len(layers) - 2, -1, -1):
+        pattern = patterns[depth]
+        w = layers[depth][0]
+        p_terms: list[tuple[dict, float]] = []  # p_k as affine expressions
+        for k, (kind, a) in enumerate(pattern):
+            if kind == "off":
+                p_terms.append(({}, 0.0))
+            elif v_vars is None:
+                if kind == "on":
+                    p_terms.append(({}, float(v_const[k])))
+                else:
+                    p_terms.append(({a: float(v_const[k])}, 0.0))
+            elif kind == "on":
+                p_terms.append(({v_vars[k]: 1.0}, 0.0))
+            else:
+                lo, hi = float(v_lo[k]), float(v_hi[k])
+                p = prog.var(min(lo, 0.0), max(hi, 0.0))
+                vk = v_vars[k]
+                prog.row({p: 1.0, a: -hi}, -np.inf, 0.0)
+                prog.row({p: 1.0, a: -lo}, 0.0, np.inf)
+                prog.row({p: 1.0, vk: -1.0, a: -lo}, -np.inf, -lo)
+                prog.row({p: 1.0, vk: -1.0, a: -hi}, -hi, np.inf)
+                p_terms.append(({p: 1.0}, 0.0))
+        # interval bounds of p, then v_{prev} = W^T p
+        p_lo = np.array([min(0.0, float(v_lo[k])) if kind == "bin" else
+                         (0.0 if kind == "off" else float(v_lo[k]))
+                         for k, (kind, _) in enumerate(pattern)])
+        p_hi = np.array([max(0.0, float(v_hi[k])) if kind == "bin" else
+                         (0.0 if kind == "off" else float(v_hi[k]))
+                         for k, (kind, _) in enumerate(pattern)])
+        wt = w.T
+        new_lo = np.maximum(wt, 0) @ p_lo + np.minimum(wt, 0) @ p_hi
+        new_hi = np.maximum(wt, 0) @ p_hi + np.minimum(wt, 0) @ p_lo
+        exprs = []
+        for j in range(wt.shape[0]):
+            coeffs: dict[int, float] = {}
+            const = 0.0
+            for k in np.flatnonzero(wt[j]):
+                pc, pk = p_terms[k]
+                for var, val in pc.items():
+                    coeffs[var] = coeffs.get(var, 0.0) + float(wt[j, k]) * val
+                const += float(wt[j, k]) * pk
+            exprs.append((coeffs, const))
+        if depth == 0:
+            grad_vars = exprs
+            v_lo, v_hi = new_lo, new_hi
+            break
+        v_vars = []
+        for j, (coeffs, const) in enumerate(exprs):
+            var = prog.var(float(new_lo[j]), float(new_hi[j]))
+            prog.row({**{c: -v for c, v in coeffs.items()}, var: 1.0}, const, const)
+            v_vars.append(var)
+        v_lo, v_hi = new_lo, new_hi
+    if grad_vars is None:  # no hidden layer: an affine map
+        row = layers[0][0][output]
+        value = float(np.abs(row).sum())
+        return value, value, "affine"
+    for j, (coeffs, const) in enumerate(grad_vars):
+        lo, hi = float(v_lo[j]), float(v_hi[j])
+        big = max(abs(lo), abs(hi))
+        if big == 0.0:
+            continue
+        t = prog.var(0.0, big)
+        neg = {c: -v for c, v in coeffs.items()}
+        if lo >= 0:
+            prog.row({**neg, t: 1.0}, -np.inf, const)  # t <= g
+        elif hi <= 0:
+            prog.row({**coeffs, t: 1.0}, -np.inf, -const)  # t <= -g
+        else:
+            s = prog.var(0.0, 1.0, integer=True)
+            prog.row({**neg, t: 1.0, s: 2 * big}, -np.inf, const + 2 * big)
+            prog.row({**coeffs, t: 1.0, s: -2 * big}, -np.inf, -const)
+        prog.objective[t] = 1.0
+    if not prog.objective:
+        return 0.0, 0.0, "zero"
+    res = prog.solve(time_limit)
+    dual = getattr(res, "mip_dual_bound", None)
+    if res.x is None:
+        if dual is not None and np.isfinite(dual):
+            return -float(dual), 0.0, f"no incumbent: {res.message}"
+        raise MethodNotApplicable(f"method exact: HiGHS found no solution ({res.message})")
+    incumbent = -float(res.fun)
+    dual = -float(dual) if dual is not None and np.isfinite(dual) else incumbent
+    status = "optimal" if res.status == 0 else res.message
+    return max(dual, incumbent), incumbent, status
+
+
+@register
+class ExactEstimator(Estimator):
+    name = "exact"
+    summary = ("LipMIP: exact linf Lipschitz constant of small ReLU chains on a box, by a "
+               "mixed-integer program (scipy HiGHS); a reference, not a certificate")
+    norms = ("inf",)
+    certificate = False
+    handlers = {O.Dense: None, O.Relu: None, O.Reshape: None, O.Scale: None}
+
+    def compute(self, graph: Graph, norm: str, **options: Any) -> Bound:
+        layers = relu_chain(graph)
+        n_in = layers[0][0].shape[1]
+        n_relu = sum(w.shape[0] for w, _ in layers[:-1])
+        limit_relu = int(options.get("max_relus", MAX_RELUS))
+        if n_relu > limit_relu or n_in > int(options.get("max_inputs", MAX_INPUTS)):
+            raise MethodNotApplicable(
+                f"method exact refuses networks above {limit_relu} ReLUs or "
+                f"{options.get('max_inputs', MAX_INPUTS)} inputs (this one: {n_relu} ReLUs, "
+                f"{n_in} inputs); raise -o max_relus=N at your own time's risk")
+        low, high, region = box_from_options(options, n_in)
+        time_limit = float(options.get("time_limit", 60.0))
+        start = time.perf_counter()
+        best_dual, best_inc, statuses = 0.0, 0.0, []
+        for i in range(layers[-1][0].shape[0]):
+            remaining = max(1.0, time_limit - (time.perf_counter() - start))
+            dual, inc, status = lipmip_output(layers, low, high, i, remaining)
+            best_dual, best_inc = max(best_dual, dual), max(best_inc, inc)
+            statuses.append(status)
+        solved = all(s in ("optimal", "affine", "zero") for s in statuses)
+        notes = [f"exact linf constant on the box {region['describe']} (HiGHS, tolerance "
+                 "1e-9 relative gap): a reference value, not a float-rigorous certificate"]
+        if not solved:
+            notes.append("HiGHS stopped before optimality on some outputs: value is its dual "
+                         "bound")
+        return Bound(method=self.name, norm=norm, upper=best_dual, lower=best_inc,
+                     sound=False, scope="box", region=region, notes=notes,
+                     details={"relus": n_relu, "status": statuses})
+
+
+def box_from_options(options: dict, n_in: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The input box: center +- eps (local) or the domain [low, high]^n (default [-1, 1])."""
+    if options.get("center") is not None:
+        center = np.asarray(options["center"], dtype=np.float64).reshape(-1)
+        if center.size != n_in:
+            raise InputError(f"the input point has {center.size} values, the model takes {n_in}")
+        eps = float(options.get("eps", 0.0))
+        low, high = center - eps, center + eps
+        if options.get("domain") is not None:
+            dl, dh = options["domain"]
+            low, high = np.maximum(low, dl), np.minimum(high, dh)
+        return low, high, {"kind": "box", "eps": eps, "describe": f"x0 +- {eps:g} (linf)"}
+    dl, dh = options.get("domain") or (-1.0, 1.0)
+    return (np.full(n_in, float(dl)), np.full(n_in, float(dh)),
+            {"kind": "domain", "low": float(dl), "high": float(dh),
+             "describe": f"[{dl:g}, {dh:g}]^{n_in}"})
