@@ -42,32 +42,30 @@ def _drop_lift(ctx: ImportContext, y: str, lifted: bool) -> str:
     return ctx.emit(O.Reshape((n, c, length)), [y])
 
 
-@handles("Conv")
-def conv(ctx: ImportContext) -> None:
+def _read_conv(ctx: ImportContext):
+    """Inputs and attributes shared by Conv and ConvTranspose."""
     x = ctx.data_input(0)
     w = ctx.const(1).astype(np.float64)
     x, w, lifted = _as_2d(ctx, x, w)
     b = ctx.const(2, required=False)
+    bias = None if b is None else b.astype(np.float64)
     stride = _attr_2d(ctx, "strides", 1, lifted)
     dilation = _attr_2d(ctx, "dilations", 1, lifted)
-    kernel = tuple(w.shape[2:])
+    return x, w, bias, lifted, stride, dilation, tuple(w.shape[2:]), int(ctx.attr("group", 1))
+
+
+@handles("Conv")
+def conv(ctx: ImportContext) -> None:
+    x, w, bias, lifted, stride, dilation, kernel, groups = _read_conv(ctx)
     pads = _pads_2d(ctx, ctx.shape(x)[2:], kernel, stride, dilation, lifted)
-    groups = int(ctx.attr("group", 1))
-    op = O.Conv(w, None if b is None else b.astype(np.float64), stride, pads, dilation, groups)
+    op = O.Conv(w, bias, stride, pads, dilation, groups)
     ctx.bind(0, _drop_lift(ctx, ctx.emit(op, [x]), lifted))
 
 
 @handles("ConvTranspose")
 def conv_transpose(ctx: ImportContext) -> None:
-    x = ctx.data_input(0)
-    w = ctx.const(1).astype(np.float64)
-    x, w, lifted = _as_2d(ctx, x, w)
-    b = ctx.const(2, required=False)
-    stride = _attr_2d(ctx, "strides", 1, lifted)
-    dilation = _attr_2d(ctx, "dilations", 1, lifted)
+    x, w, bias, lifted, stride, dilation, kernel, groups = _read_conv(ctx)
     out_pad = _attr_2d(ctx, "output_padding", 0, lifted)
-    kernel = tuple(w.shape[2:])
-    groups = int(ctx.attr("group", 1))
     hw = ctx.shape(x)[2:]
     output_shape = ctx.attr("output_shape")
     auto_pad = ctx.attr("auto_pad", "NOTSET")
@@ -93,6 +91,5 @@ def conv_transpose(ctx: ImportContext) -> None:
         pads = (0, 0, 0, 0)
     else:
         pads = _pads_2d(ctx, hw, kernel, stride, dilation, lifted)
-    op = O.ConvTranspose(w, None if b is None else b.astype(np.float64), stride, pads, out_pad,
-                         dilation, groups)
+    op = O.ConvTranspose(w, bias, stride, pads, out_pad, dilation, groups)
     ctx.bind(0, _drop_lift(ctx, ctx.emit(op, [x]), lifted))
