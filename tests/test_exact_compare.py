@@ -68,21 +68,21 @@ def run(*args):
 
 def test_compare_json_markdown_plot(tiny_relu, tmp_path):
     out, md, png = tmp_path / "c.json", tmp_path / "c.md", tmp_path / "c.png"
-    result = run("compare", tiny_relu, "--methods", "naive,exact,lipsdp,nope", "--norm", "inf",
+    result = run("compare", tiny_relu, "--methods", "naive,exact,local,nope", "--norm", "inf",
                  "--domain", "-1,1", "--timeout", "120", "--json", out, "--markdown", md,
                  "--plot", png)
     assert result.exit_code == 0, result.output
     payload = json.loads(out.read_text())
     assert set(payload) >= {"lipcert_version", "model", "results", "lower_bound", "region"}
     rows = {r["method"]: r for r in payload["results"]}
-    assert list(rows) == ["naive", "exact", "lipsdp", "nope"]
+    assert list(rows) == ["naive", "exact", "local", "nope"]
     for row in rows.values():
         assert {"method", "norm", "upper", "sound", "time_s", "notes", "lower_bound", "ratio",
                 "tightness", "best"} <= set(row)
     lower = payload["lower_bound"]["lower"]
     assert lower <= rows["exact"]["upper"] * (1 + 1e-6) <= rows["naive"]["upper"] * (1 + 1e-6)
     assert rows["naive"]["best"] and not rows["exact"]["sound"]
-    assert rows["lipsdp"]["upper"] is None and "not available" in rows["lipsdp"]["notes"][0]
+    assert rows["local"]["upper"] is None and "not available" in rows["local"]["notes"][0]
     assert "unknown method" in rows["nope"]["notes"][0]
     text = md.read_text()
     assert text.count("\n| ") >= 5 and "| naive |" in text and "**" in text

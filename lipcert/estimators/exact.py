@@ -29,6 +29,7 @@ from ..errors import InputError, MethodNotApplicable
 from ..ir import ops as O
 from ..ir.graph import Graph
 from .base import Bound, Estimator, register
+from .chain import dense_chain
 
 MAX_RELUS = 200
 MAX_INPUTS = 400
@@ -36,36 +37,8 @@ MAX_INPUTS = 400
 
 def relu_chain(graph: Graph) -> list[tuple[np.ndarray, np.ndarray]]:
     """(W, b) of each affine layer of a Dense/Relu chain (layout ops and Scales allowed)."""
-    layers: list[list[np.ndarray]] = []
-    pending_relu = False
-    n_in = int(np.prod(graph.input_shape))
-    current = (np.eye(n_in), np.zeros(n_in))  # affine map accumulated since the last ReLU
-    for node in graph.nodes:
-        op = node.op
-        if isinstance(op, O.Reshape):
-            continue
-        if isinstance(op, O.Dense):
-            if len(node.shape) - 1 != op.axis or int(np.prod(node.shape[:-1])) != 1:
-                raise MethodNotApplicable(f"method exact needs dense layers on vectors (node "
-                                          f"{node.source!r})")
-            w, b = current
-            bias = op.bias if op.bias is not None else 0.0
-            current = (op.weight @ w, op.weight @ b + bias)
-        elif isinstance(op, O.Scale) and op.scale.size == 1 and op.shift.size == 1:
-            w, b = current
-            current = (float(op.scale.reshape(-1)[0]) * w,
-                       float(op.scale.reshape(-1)[0]) * b + float(op.shift.reshape(-1)[0]))
-        elif isinstance(op, O.Relu):
-            layers.append(list(current))
-            current = (np.eye(current[0].shape[0]), np.zeros(current[0].shape[0]))
-            pending_relu = True
-        else:
-            raise MethodNotApplicable(f"method exact supports chains of Dense and Relu only; "
-                                      f"node {node.source!r} is {op.kind}")
-    layers.append(list(current))
-    del pending_relu
-    return [(np.asarray(w, dtype=np.float64), np.asarray(b, dtype=np.float64))
-            for w, b in layers]
+    chain = dense_chain(graph, "exact", (O.Relu,))
+    return list(zip(chain.weights, chain.biases, strict=True))
 
 
 def interval_bounds(layers, low: np.ndarray, high: np.ndarray):
