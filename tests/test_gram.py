@@ -32,7 +32,7 @@ def _bound(op, in_shape, **options):
 
 conv_cases = st.fixed_dictionaries({
     "k": st.integers(1, 7), "stride": st.integers(1, 2), "dilation": st.integers(1, 2),
-    "groups": st.sampled_from([1, 2, 4]), "c": st.sampled_from([1, 2, 4, 8]),
+    "groups": st.sampled_from([1, 2, 4]), "c": st.sampled_from([1, 2, 4, 8, 16]),
     "n": st.integers(2, 16), "pads": st.sampled_from(["zero", "same", "asym"]),
     "scale": st.sampled_from([1e-6, 1.0, 1e6]), "seed": st.integers(0, 10**6)})
 
