@@ -226,6 +226,7 @@ class ExactEstimator(Estimator):
     summary = ("LipMIP: exact linf Lipschitz constant of small ReLU chains on a box, by a "
                "mixed-integer program (scipy HiGHS); a reference, not a certificate")
     norms = ("inf",)
+    scope = "box"
     certificate = False
     handlers = {O.Dense: None, O.Relu: None, O.Reshape: None, O.Scale: None}
 
