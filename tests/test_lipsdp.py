@@ -82,5 +82,17 @@ def test_bad_multipliers_are_rejected_not_printed():
 def test_large_nets_are_refused_with_a_reason(tmp_path):
     module = nn.Sequential(nn.Linear(4, 100), nn.ReLU(), nn.Linear(100, 2))
     graph = lipcert.load(export(module, torch.randn(1, 4), tmp_path / "l.onnx"))
-    result = lipcert.bound(graph, "lipsdp", "2")
+    result = lipcert.bound(graph, "lipsdp", "2", max_neurons=64)
     assert result.upper is None and "refuses" in result.notes[-1]
+
+
+@pytest.mark.parametrize("solver", ["clarabel", "scs", "firstorder"])
+def test_every_solver_gives_a_checked_bound(tmp_path, solver):
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(3, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(),
+                           nn.Linear(12, 2))
+    graph = lipcert.load(export(module, torch.randn(1, 3), tmp_path / "s.onnx"))
+    result = lipcert.bound(graph, "lipsdp", "2", solver=solver)
+    assert "certified" in result.details["certificate"]
+    assert sampled_gradient_lower(graph, "2", samples=64) <= result.upper
+    assert result.upper <= lipcert.bound(graph, "naive", "2").upper

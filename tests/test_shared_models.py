@@ -56,3 +56,12 @@ def test_ml4acopf_lists_every_unsupported_op_type():
         lipcert.load(SHARED / "14_ieee_ml4acopf.onnx")
     for op in ("Sin", "Cos", "Pow"):
         assert op in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["cartpole.onnx", "fc_2-2sigmoids-3.onnx", "test_small.onnx"])
+def test_lipsdp_between_lower_and_naive(graphs, name):
+    graph = _graph(graphs, name)
+    result = lipcert.bound(graph, "lipsdp", "2")
+    assert result.upper is not None, result.notes
+    assert sampled_gradient_lower(graph, "2", samples=32) <= result.upper
+    assert result.upper <= lipcert.bound(graph, "naive", "2").upper * (1 + 1e-6)

@@ -32,7 +32,8 @@ from .chain import DenseChain, dense_chain
 from .sdp_certificate import U, proves_positive_definite, smallest_rho
 
 SLOPE_RESTRICTED = (O.Relu, O.LeakyRelu, O.Sigmoid, O.Tanh, O.Clip)
-MAX_NEURONS = 64  # interior-point cost grows like (n0 + N)^6: see the note in README
+MAX_NEURONS = 1024
+INTERIOR_POINT_NEURONS = 48  # interior-point cost grows like (n0 + N)^6
 
 
 def _structure(weights: list[np.ndarray]):
@@ -46,35 +47,98 @@ def _structure(weights: list[np.ndarray]):
     return n0, row, blocks
 
 
-def assemble(weights: list[np.ndarray], slopes: list[tuple[float, float]], lam: np.ndarray,
-             absolute: bool = False) -> np.ndarray:
-    """P = sum_i lam_i F_i + blkdiag(0, .., W_l^T W_l), dense, in float64 (rho excluded).
+def assemble(weights, slopes: list[tuple[float, float]], lam, absolute: bool = False,
+             xp=np):
+    """P = sum_i lam_i F_i + blkdiag(0, .., W_l^T W_l), dense (rho excluded).
 
-    With ``absolute`` every term's absolute value is summed instead: an entrywise bound used
-    for the rounding error of forming P.
+    ``xp`` is numpy (float64 arrays) or torch (float64 tensors, differentiable in ``lam``).
+    With ``absolute`` (numpy only) every term's absolute value is summed instead: an
+    entrywise bound used for the rounding error of forming P.
     """
     n0, n_hidden, blocks = _structure(weights)
     d = n0 + n_hidden
-    p = np.zeros((d, d))
-    f = np.abs if absolute else (lambda x: x)
-    offset = 0
+    p = xp.zeros((d, d), dtype=xp.float64)
     for k, (row, col, w) in enumerate(blocks):
         alpha, beta = slopes[k]
         lk = lam[row:row + w.shape[0]]
         cols = slice(col, col + w.shape[1])
         hid = slice(n0 + row, n0 + row + w.shape[0])
         wl = lk[:, None] * w  # T W
-        p[cols, cols] += f(-2.0 * alpha * beta * (w.T @ wl)) if not absolute else \
-            abs(2.0 * alpha * beta) * (np.abs(w).T @ np.abs(wl))
-        cross = (alpha + beta) * wl  # (a + b) T W, block (hidden, cols)
-        p[hid, cols] += f(cross)
-        p[cols, hid] += f(cross.T)
-        p[hid, hid] += np.diag(f(-2.0 * lk))
-        offset += w.shape[0]
-    wl_last = weights[-1]
-    last = slice(d - wl_last.shape[1], d)
-    p[last, last] += (np.abs(wl_last).T @ np.abs(wl_last)) if absolute else wl_last.T @ wl_last
+        if absolute:
+            p[cols, cols] += abs(2.0 * alpha * beta) * (np.abs(w).T @ np.abs(wl))
+            p[hid, cols] += np.abs((alpha + beta) * wl)
+            p[cols, hid] += np.abs((alpha + beta) * wl).T
+            p[hid, hid] += np.diag(np.abs(2.0 * lk))
+        else:
+            p[cols, cols] += -2.0 * alpha * beta * (w.T @ wl)
+            p[hid, cols] += (alpha + beta) * wl  # (a + b) T W, block (hidden, cols)
+            p[cols, hid] += (alpha + beta) * wl.T
+            p[hid, hid] += xp.diag(-2.0 * lk)
+    w_last = weights[-1]
+    last = slice(d - w_last.shape[1], d)
+    p[last, last] += (np.abs(w_last).T @ np.abs(w_last)) if absolute else w_last.T @ w_last
     return p
+
+
+def feasible_start(weights, slopes) -> np.ndarray:
+    """Per-layer multipliers that make the hidden block negative definite by block diagonal
+    dominance: t_{l-1} = 2 ||W_l||^2, t_k = 2 max(a^2, b^2)... ||W_{k+1}||^2 t_{k+1} (+ the
+    a b W^T T W term), so every hidden 2x2 block [[-t_k, c t_{k+1} W], ...] is < 0."""
+    sizes = [w.shape[0] for w in weights[:-1]]
+    t = [0.0] * len(sizes)
+    t[-1] = 2.0 * np.linalg.norm(weights[-1], 2) ** 2 + 1e-12
+    for k in range(len(sizes) - 2, -1, -1):
+        alpha, beta = slopes[k + 1]
+        nw = np.linalg.norm(weights[k + 1], 2) ** 2
+        t[k] = 4.0 * ((alpha + beta) ** 2 / 4.0 + abs(alpha * beta) + 1.0) * nw * t[k + 1] \
+            + 1e-12
+    return np.concatenate([np.full(n, tk) for n, tk in zip(sizes, t, strict=True)])
+
+
+def propose_first_order(weights, slopes, form: str, iterations: int = 1000,
+                        time_limit: float = 60.0):
+    """Minimise rho*(T) = lambda_max(P11 - P12 P22^{-1} P21) over T >= 0 (convex on its
+    domain, since it is the optimal rho of the LMI for fixed T) by Adam on log T, with a
+    smoothed max eigenvalue. Any T it returns is only a proposal: the certificate decides."""
+    import torch
+
+    ws = [torch.as_tensor(w, dtype=torch.float64) for w in weights]
+    sizes = [w.shape[0] for w in weights[:-1]]
+    n0 = weights[0].shape[1]
+    start = np.log(feasible_start(weights, slopes))
+    if form == "layer":
+        start = np.array([start[sum(sizes[:k])] for k in range(len(sizes))])
+    u = torch.tensor(start, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([u], lr=0.2)
+    repeat = torch.as_tensor(sizes)
+    best, best_u = np.inf, u.detach().clone()
+    t0 = time.perf_counter()
+    for it in range(iterations):
+        lam = torch.exp(u) if form == "neuron" else torch.repeat_interleave(torch.exp(u), repeat)
+        p = assemble(ws, slopes, lam, xp=torch)
+        chol, info = torch.linalg.cholesky_ex(-p[n0:, n0:])
+        if int(info) != 0:  # left the domain: step back towards the last good point
+            with torch.no_grad():
+                u.copy_((u + best_u) / 2)
+            continue
+        y = torch.linalg.solve_triangular(chol, p[n0:, :n0], upper=False)
+        schur = p[:n0, :n0] + y.T @ y
+        eig = torch.linalg.eigvalsh((schur + schur.T) / 2)
+        value = float(eig[-1])
+        if value < best:
+            best, best_u = value, u.detach().clone()
+        sharp = 50.0 * (1 + it / 50) / max(abs(value), 1e-300)
+        loss = torch.logsumexp(sharp * eig, 0) / sharp
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if time.perf_counter() - t0 > time_limit:
+            break
+    lam = np.exp(best_u.numpy())
+    if form == "layer":
+        lam = np.repeat(lam, sizes)
+    return lam, {"status": f"first-order ({it + 1} steps)",
+                 "solve_s": time.perf_counter() - t0}
 
 
 def certify_multipliers(weights, slopes, lam) -> tuple[float | None, str]:
@@ -143,7 +207,9 @@ def lmi_blocks(weights, slopes, lam_expr, rho, cp):
 
 
 def solve_lipsdp(weights, slopes, form: str, solver: str, time_limit: float):
-    """Solve the SDP (cvxpy); returns per-neuron multipliers and solver info."""
+    """Solve the SDP; returns per-neuron multipliers and solver info."""
+    if solver.lower() == "firstorder":
+        return propose_first_order(weights, slopes, form, time_limit=time_limit)
     import cvxpy as cp
 
     sizes = [w.shape[0] for w in weights[:-1]]
@@ -207,20 +273,42 @@ class LipSDPEstimator(Estimator):
 
             return Bound(method=self.name, norm=norm, upper=spectral_norm(chain.weights[0]),
                          notes=["affine model: exact spectral norm"])
-        solver = str(options.get("solver", "clarabel"))
+        solver = str(options.get("solver", "auto")).lower()
+        if solver not in ("auto", "clarabel", "scs", "firstorder"):
+            raise MethodNotApplicable(f"lipsdp solver {solver!r}: use auto, clarabel, scs or "
+                                      "firstorder")
         time_limit = float(options.get("time_limit", 60.0))
         t0 = time.perf_counter()
         compressed = _compress(chain.weights)
         t1 = time.perf_counter()
-        lam, info = solve_lipsdp(compressed, slopes, form, solver, time_limit)
-        t2 = time.perf_counter()
-        notes = [f"LipSDP-{form.capitalize()} solved by {solver} ({info['status']})"]
-        rho, how = (None, "the solver returned no multipliers") if lam is None else \
-            certify_multipliers(chain.weights, slopes, lam)
-        t3 = time.perf_counter()
+        if solver == "auto":
+            proposers = (["clarabel"] if n_hidden <= INTERIOR_POINT_NEURONS else []) + \
+                ["firstorder"]
+        else:
+            proposers = [solver]
+        rho, how, statuses, solve_s, check_s = None, "no proposal", {}, 0.0, 0.0
+        for name in proposers:
+            ts = time.perf_counter()
+            lam, info = solve_lipsdp(compressed, slopes, form, name, time_limit)
+            tc = time.perf_counter()
+            statuses[name] = info["status"]
+            candidate, why = (None, "the solver returned no multipliers") if lam is None \
+                else certify_multipliers(chain.weights, slopes, lam)
+            solve_s += tc - ts
+            check_s += time.perf_counter() - tc
+            statuses[name] += f"; {why}" if candidate is None else \
+                f"; certified sqrt(rho) = {math.sqrt(candidate):.6g}"
+            if candidate is not None and (rho is None or candidate < rho):
+                rho, how = candidate, f"{why}, multipliers from {name}"
+            elif rho is None:
+                how = why
+        t3 = t1 + solve_s + check_s
+        t2 = t1 + solve_s
+        notes = [f"LipSDP-{form.capitalize()}; multipliers proposed by "
+                 f"{', '.join(proposers)}"]
         details = {"form": form, "solver": solver, "hidden_neurons": n_hidden,
                    "build_s": t1 - t0, "solve_s": t2 - t1, "check_s": t3 - t2,
-                   "solver_status": info["status"], "certificate": how}
+                   "solver_status": statuses, "certificate": how}
         if rho is None:
             notes.append(f"no certificate: {how}; no bound printed (the solver's objective "
                          "is not a bound)")
