@@ -164,6 +164,23 @@ def certify_multipliers(weights, slopes, lam) -> tuple[float | None, str]:
     return None, "the Cholesky check of -M failed at every margin"
 
 
+def rescale(weights: list[np.ndarray]) -> tuple[list[np.ndarray], float]:
+    """Scale each W_k by a power of two near 1 / ||W_k|| (exact in floating point).
+
+    f(x) = W_l phi(... phi(W_1 x)) with W_k = s_k V_k equals (prod s_k) g(x), where g uses
+    V_k and the activations psi_k(t) = phi(c t) / c for the product c of the scales before
+    them; psi_k has the same slope range, so LipSDP's bound for the V_k times prod s_k is a
+    bound for f. Keeps the SDP well conditioned (ACAS Xu's weights reach 1e7).
+    """
+    scaled, factor = [], 1.0
+    for w in weights:
+        norm = float(np.linalg.norm(w, 2))
+        e = 0 if norm == 0.0 else int(np.round(np.log2(norm)))
+        scaled.append(np.ldexp(w, -e))
+        factor = np.ldexp(factor, e)
+    return scaled, float(factor)
+
+
 def _compress(weights: list[np.ndarray]) -> list[np.ndarray]:
     w1 = weights[0]
     if w1.shape[1] <= w1.shape[0]:
@@ -279,7 +296,8 @@ class LipSDPEstimator(Estimator):
                                       "firstorder")
         time_limit = float(options.get("time_limit", 60.0))
         t0 = time.perf_counter()
-        compressed = _compress(chain.weights)
+        weights, factor = rescale(chain.weights)
+        compressed = _compress(weights)
         t1 = time.perf_counter()
         if solver == "auto":
             proposers = (["clarabel"] if n_hidden <= INTERIOR_POINT_NEURONS else []) + \
@@ -293,11 +311,11 @@ class LipSDPEstimator(Estimator):
             tc = time.perf_counter()
             statuses[name] = info["status"]
             candidate, why = (None, "the solver returned no multipliers") if lam is None \
-                else certify_multipliers(chain.weights, slopes, lam)
+                else certify_multipliers(weights, slopes, lam)
             solve_s += tc - ts
             check_s += time.perf_counter() - tc
             statuses[name] += f"; {why}" if candidate is None else \
-                f"; certified sqrt(rho) = {math.sqrt(candidate):.6g}"
+                f"; certified L = {factor * math.sqrt(candidate):.6g}"
             if candidate is not None and (rho is None or candidate < rho):
                 rho, how = candidate, f"{why}, multipliers from {name}"
             elif rho is None:
@@ -314,6 +332,6 @@ class LipSDPEstimator(Estimator):
                          "is not a bound)")
             return Bound(method=self.name, norm=norm, upper=None, notes=notes, details=details)
         notes.append(f"bound from a checked certificate ({how})")
-        return Bound(method=self.name, norm=norm, upper=math.nextafter(math.sqrt(rho),
-                                                                        math.inf),
+        value = math.nextafter(math.sqrt(rho), math.inf) * factor  # factor: a power of two
+        return Bound(method=self.name, norm=norm, upper=value,
                      notes=notes, details=details)
