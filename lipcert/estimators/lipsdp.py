@@ -33,7 +33,10 @@ from .sdp_certificate import U, proves_positive_definite, smallest_rho
 
 SLOPE_RESTRICTED = (O.Relu, O.LeakyRelu, O.Sigmoid, O.Tanh, O.Clip)
 MAX_NEURONS = 1024
-INTERIOR_POINT_NEURONS = 48  # interior-point cost grows like (n0 + N)^6
+INTERIOR_POINT_NEURONS = 48  # Clarabel in "auto" up to this many hidden neurons
+SCS_NEURONS = 320  # SCS in "auto" for chains of >= 3 hidden layers (where first-order is
+# weak) up to this many neurons; interior-point cost grows like (n0 + N)^6
+SCS_AUTO_SECONDS = 15.0
 
 
 def _structure(weights: list[np.ndarray]):
@@ -299,15 +302,18 @@ class LipSDPEstimator(Estimator):
         weights, factor = rescale(chain.weights)
         compressed = _compress(weights)
         t1 = time.perf_counter()
-        if solver == "auto":
-            proposers = (["clarabel"] if n_hidden <= INTERIOR_POINT_NEURONS else []) + \
-                ["firstorder"]
+        if solver == "auto":  # each proposal is checked; the smallest certified value wins
+            deep = len(chain.activations) >= 3
+            proposers = ["firstorder"] + (["scs"] if deep and n_hidden <= SCS_NEURONS else []) + \
+                (["clarabel"] if n_hidden <= INTERIOR_POINT_NEURONS else [])
         else:
             proposers = [solver]
         rho, how, statuses, solve_s, check_s = None, "no proposal", {}, 0.0, 0.0
         for name in proposers:
             ts = time.perf_counter()
-            lam, info = solve_lipsdp(compressed, slopes, form, name, time_limit)
+            limit = min(time_limit, SCS_AUTO_SECONDS) if solver == "auto" and name == "scs" \
+                else time_limit
+            lam, info = solve_lipsdp(compressed, slopes, form, name, limit)
             tc = time.perf_counter()
             statuses[name] = info["status"]
             candidate, why = (None, "the solver returned no multipliers") if lam is None \
