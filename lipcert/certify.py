@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .data import read_arrays
 from .errors import InputError, MethodNotApplicable
 from .estimators import run_estimator
 from .ir import evaluate
@@ -35,26 +36,13 @@ from .ir.passes import canonicalize
 
 def load_data(data: str | Path, labels: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Inputs and labels from an .npz (arrays ``x`` and ``y``) or an .npy pair."""
-    path = Path(data)
-    if not path.is_file():
-        raise InputError(f"{data}: no such data file")
-    try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as npz:
-                missing = {"x", "y"} - set(npz.files)
-                if missing:
-                    raise InputError(f"{data}: the .npz needs arrays 'x' and 'y' (has "
-                                     f"{sorted(npz.files)})")
-                x, y = npz["x"], npz["y"]
-        else:
-            if labels is None:
-                raise InputError(f"{data}: give the labels with --labels y.npy (or use an .npz "
-                                 "with arrays x and y)")
-            x, y = np.load(path, allow_pickle=False), np.load(labels, allow_pickle=False)
-    except InputError:
-        raise
-    except Exception as exc:
-        raise InputError(f"{data}: cannot read the data ({type(exc).__name__}: {exc})") from None
+    if Path(data).suffix == ".npz":
+        x, y = read_arrays(data, ("x", "y"), "data")
+    else:
+        if labels is None:
+            raise InputError(f"{data}: give the labels with --labels y.npy (or use an .npz "
+                             "with arrays x and y)")
+        (x,), (y,) = read_arrays(data, (), "data"), read_arrays(labels, (), "labels")
     y = np.asarray(y).reshape(-1)
     if len(x) != len(y):
         raise InputError(f"{data}: {len(x)} inputs but {len(y)} labels")
@@ -109,18 +97,13 @@ def pairwise_lipschitz(graph: Graph, method: str, norm: str, n_classes: int,
 
 
 def _ort_logits(model_path: str, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
+    from .onnx_import.fidelity import input_dtype, ort_session
     from .onnx_import.load import read_model
 
     model = read_model(model_path)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-    spec = session.get_inputs()[0]
-    dtype = np.float64 if "double" in spec.type else np.float32
-    return np.stack([np.asarray(session.run(None, {spec.name: xi.astype(dtype)})[0],
+    session = ort_session(model)
+    name, dtype = session.get_inputs()[0].name, input_dtype(model)
+    return np.stack([np.asarray(session.run(None, {name: xi.astype(dtype)})[0],
                                 dtype=np.float64).reshape(-1) for xi in x])
 
 

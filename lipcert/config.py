@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .data import read_arrays
 from .errors import InputError
 
 SECTIONS = {"compare", "certify", "methods"}
@@ -53,20 +54,9 @@ def method_options(cfg: dict[str, Any], method: str) -> dict[str, Any]:
 
 def load_point(path: str, index: int | None = None) -> np.ndarray:
     """One input point from .npy, or sample ``index`` of an .npz's ``x``/.npy batch."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{path}: no such input file")
-    try:
-        if p.suffix == ".npz":
-            with np.load(p, allow_pickle=False) as npz:
-                if "x" not in npz.files:
-                    raise InputError(f"{path}: the .npz needs an array 'x'")
-                arr = npz["x"]
-            return np.asarray(arr[index or 0], dtype=np.float64)
-        arr = np.load(p, allow_pickle=False)
-    except InputError:
-        raise
-    except Exception as exc:
-        raise InputError(f"{path}: cannot read the input ({type(exc).__name__}: {exc})") from None
+    if Path(path).suffix == ".npz":
+        (x,) = read_arrays(path, ("x",), "input")
+        return np.asarray(x[index or 0], dtype=np.float64)
+    (arr,) = read_arrays(path, (), "input")
     arr = np.asarray(arr, dtype=np.float64)
     return arr[index] if index is not None else arr

@@ -90,8 +90,9 @@ class _Program:
                     options={"time_limit": time_limit, "mip_rel_gap": 1e-9, "disp": False})
 
 
-def _affine(w_row: np.ndarray, inputs: list[int], const: float = 0.0) -> tuple[dict, float]:
-    return {j: float(v) for j, v in zip(inputs, w_row, strict=True) if v != 0.0}, const
+def _row_coeffs(w_row: np.ndarray, inputs: list[int | None]) -> dict[int, float]:
+    """w_row . inputs as {variable: coefficient}; inputs fixed at zero (None) drop out."""
+    return {j: float(v) for j, v in zip(inputs, w_row, strict=True) if j is not None and v != 0}
 
 
 def lipmip_output(layers, low, high, output: int, time_limit: float) -> tuple[float, float, str]:
@@ -104,7 +105,7 @@ def lipmip_output(layers, low, high, output: int, time_limit: float) -> tuple[fl
     for (w, b), (zl, zu) in zip(layers[:-1], pre, strict=True):
         h, pattern = [], []
         for k in range(w.shape[0]):
-            coeffs, _ = _affine(w[k], prev)
+            coeffs = _row_coeffs(w[k], prev)
             if zu[k] <= 0:
                 h.append(None)
                 pattern.append(("off", None))
@@ -124,9 +125,7 @@ def lipmip_output(layers, low, high, output: int, time_limit: float) -> tuple[fl
                 pattern.append(("bin", a))
             h.append(hv)
         patterns.append(pattern)
-        prev = [v for v in h]
-        # neurons fixed off contribute nothing downstream
-        prev = [v if v is not None else prog.var(0.0, 0.0) for v in prev]
+        prev = h  # neurons fixed off (None) contribute nothing downstream
 
     # backward pass: v = gradient w.r.t. the current hidden layer's output (constant at start)
     v_const = layers[-1][0][output].astype(np.float64)

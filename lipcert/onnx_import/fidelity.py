@@ -21,7 +21,7 @@ _NP_TYPES = {
 }
 
 
-def _ort_session(model: onnx.ModelProto):
+def ort_session(model: onnx.ModelProto):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -34,6 +34,17 @@ def _ort_session(model: onnx.ModelProto):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelRefused(f"onnxruntime refuses to load the model, so lipcert cannot check "
                            f"what it bounds: {first}") from None
+
+
+def input_dtype(model: onnx.ModelProto):
+    """numpy dtype of the model's (single, non-initializer) input; float types only."""
+    initializers = {t.name for t in model.graph.initializer}
+    spec = next(i for i in model.graph.input if i.name not in initializers)
+    elem = spec.type.tensor_type.elem_type
+    if elem not in _NP_TYPES:
+        raise ModelRefused(f"input {spec.name!r} has element type "
+                           f"{onnx.TensorProto.DataType.Name(elem)}; lipcert bounds float models")
+    return _NP_TYPES[elem]
 
 
 def sample_inputs(shape: tuple[int, ...], n: int, seed: int = 0) -> np.ndarray:
@@ -52,13 +63,9 @@ def check_fidelity(model: onnx.ModelProto, graph: Graph, n_samples: int = 6,
     The tolerance is relative to the output scale and to the float32 rounding noise of the
     IR itself (float32 forward minus float64 forward), since ORT computes in float32.
     """
-    session = _ort_session(model)
+    session = ort_session(model)
     spec = session.get_inputs()[0]
-    elem = next(i for i in model.graph.input if i.name == spec.name).type.tensor_type.elem_type
-    np_type = _NP_TYPES.get(elem)
-    if np_type is None:
-        raise ModelRefused(f"input {spec.name!r} has element type "
-                           f"{onnx.TensorProto.DataType.Name(elem)}; lipcert bounds float models")
+    np_type = input_dtype(model)
     worst = 0.0
     for x in sample_inputs(graph.input_shape, n_samples, seed):
         x = x.astype(np_type)
