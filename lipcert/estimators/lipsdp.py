@@ -192,38 +192,32 @@ def _compress(weights: list[np.ndarray]) -> list[np.ndarray]:
     return [r.T, *weights[1:]]
 
 
-def lmi_blocks(weights, slopes, lam_expr, rho, cp):
-    """The LMI matrix M as a cvxpy block matrix over (x_0, x_1, ..., x_{l-1}).
+def lmi_expression(weights, slopes, variables, sizes, form: str, rho, cp):
+    """The LMI matrix M(rho, T) as a cvxpy expression, built from :func:`assemble` (the same
+    code the certificate checks): M = sum_j v_j (P(e_j) - P(0)) + P(0) - rho E, P linear in T."""
+    import scipy.sparse as sp
 
-    Block (x_{k-1}, x_{k-1}) gets -2 a b W_k^T T_k W_k, block (x_k, x_{k-1}) gets
-    (a + b) T_k W_k, block (x_k, x_k) gets -2 T_k, the last block W_l^T W_l, the first -rho I.
-    ``lam_expr[k]`` is the vector of layer k's multipliers (a cvxpy expression).
-    """
-    sizes = [weights[0].shape[1]] + [w.shape[0] for w in weights[:-1]]
-    nb = len(sizes)
-    blocks: list[list[Any]] = [[None] * nb for _ in range(nb)]
-    diag_terms: list[list[Any]] = [[] for _ in range(nb)]
-    diag_terms[0].append(-rho * np.eye(sizes[0]))
-    for k, w in enumerate(weights[:-1]):
-        alpha, beta = slopes[k]
-        lk = lam_expr[k]
-        if alpha * beta != 0.0:
-            # W^T diag(l) W = sum_i l_i w_i w_i^T as one matrix-vector product
-            outer = np.einsum("ij,ik->jki", w, w).reshape(-1, w.shape[0])
-            term = cp.reshape(outer @ lk, (w.shape[1], w.shape[1]), order="C")
-            diag_terms[k].append(-2.0 * alpha * beta * term)
-        cross = cp.multiply(cp.reshape(lk, (w.shape[0], 1), order="C") @ np.ones((1, w.shape[1])),
-                            (alpha + beta) * w)
-        blocks[k + 1][k] = cross
-        blocks[k][k + 1] = cross.T
-        diag_terms[k + 1].append(-2.0 * cp.diag(lk))
-    diag_terms[-1].append(weights[-1].T @ weights[-1])
-    for k in range(nb):
-        blocks[k][k] = sum(diag_terms[k][1:], diag_terms[k][0])
-        for j in range(nb):
-            if blocks[k][j] is None:
-                blocks[k][j] = np.zeros((sizes[k], sizes[j]))
-    return cp.bmat(blocks)
+    n_hidden = sum(sizes)
+    n0 = weights[0].shape[1]
+    d = n0 + n_hidden
+    base = assemble(weights, slopes, np.zeros(n_hidden))
+    cols, rows, vals = [], [], []
+    offset = 0
+    for j, n in enumerate(sizes if form == "layer" else [1] * n_hidden):
+        lam = np.zeros(n_hidden)
+        lam[offset:offset + n] = 1.0
+        offset += n
+        column = (assemble(weights, slopes, lam) - base).reshape(-1)
+        nz = np.flatnonzero(column)
+        rows.append(nz)
+        vals.append(column[nz])
+        cols.append(np.full(nz.size, j))
+    jac = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                        shape=(d * d, len(rows)))
+    v = variables[0] if form == "neuron" else cp.hstack(variables)
+    e_in = np.zeros((d, d))
+    e_in[:n0, :n0] = np.eye(n0)
+    return cp.reshape(jac @ v, (d, d), order="C") + base - rho * e_in
 
 
 def solve_lipsdp(weights, slopes, form: str, solver: str, time_limit: float):
@@ -234,13 +228,11 @@ def solve_lipsdp(weights, slopes, form: str, solver: str, time_limit: float):
 
     sizes = [w.shape[0] for w in weights[:-1]]
     if form == "neuron":
-        variables = [cp.Variable(n, nonneg=True) for n in sizes]
-        lam_expr = variables
+        variables = [cp.Variable(sum(sizes), nonneg=True)]
     else:
         variables = [cp.Variable(nonneg=True) for _ in sizes]
-        lam_expr = [v * np.ones(n) for v, n in zip(variables, sizes, strict=True)]
     rho = cp.Variable()
-    m = lmi_blocks(weights, slopes, lam_expr, rho, cp)
+    m = lmi_expression(weights, slopes, variables, sizes, form, rho, cp)
     problem = cp.Problem(cp.Minimize(rho), [(m + m.T) / 2 << 0])
     kwargs: dict[str, Any] = {}
     if solver.upper() == "CLARABEL":
@@ -257,8 +249,7 @@ def solve_lipsdp(weights, slopes, form: str, solver: str, time_limit: float):
     if any(v.value is None for v in variables):
         return None, info
     if form == "neuron":
-        values = np.concatenate([np.asarray(v.value, dtype=np.float64).reshape(-1)
-                                 for v in variables])
+        values = np.asarray(variables[0].value, dtype=np.float64).reshape(-1)
     else:
         values = np.concatenate([np.full(n, float(v.value)) for v, n in
                                  zip(variables, sizes, strict=True)])
