@@ -85,6 +85,36 @@ def _check_device(device: str) -> str:
     return device
 
 
+def _region(input_path: str | None, index: int | None, eps: float | None,
+            domain: str | None) -> dict:
+    """The input region of local methods: a point with --eps, and/or a --domain range."""
+    from .config import load_point
+    from .errors import InputError
+    from .estimators.region import parse_domain
+
+    region: dict = {}
+    if domain:
+        region["domain"] = parse_domain(domain)
+    if input_path is not None or eps is not None:
+        if input_path is None or eps is None:
+            raise InputError("a local box needs both --input and --eps")
+        if eps < 0:
+            raise InputError("--eps must be >= 0")
+        region.update(center=load_point(input_path, index).reshape(-1), eps=float(eps))
+    return region
+
+
+def _check_region(graph, region: dict) -> None:
+    from .errors import InputError
+
+    n_inputs = 1
+    for d in graph.input_shape:
+        n_inputs *= d
+    if "center" in region and region["center"].size != n_inputs:
+        raise InputError(f"--input has {region['center'].size} values; the model takes "
+                         f"{graph.input_shape}")
+
+
 def _load(model: str, no_verify: bool):
     from .onnx_import import load
 
@@ -103,18 +133,34 @@ def _load(model: str, no_verify: bool):
               help="skip the onnxruntime fidelity check (said in the result)")
 @click.option("--device", default="cpu", show_default=True,
               help="torch device for methods that use one (gram): cpu, cuda, cuda:1, ...")
+@click.option("--input", "input_path", help="point x0 (.npy, or .npz with --index) for a local "
+                                            "box of radius --eps (methods local, exact, lower)")
+@click.option("--index", type=int, help="sample index in --input's batch")
+@click.option("--eps", type=float, help="linf radius of the box around --input")
+@click.option("--domain", help="input range LOW,HIGH: clips the box (e.g. 0,1 for images)")
 @click.option("--option", "-o", "raw_options", multiple=True, metavar="KEY=VALUE",
               help="method setting, e.g. -o iterations=12 (repeatable)")
 def bound(model: str, method: str, norm: str, json_out: str | None, no_verify: bool,
-          device: str, raw_options: tuple[str, ...]) -> None:
-    """Print one certified upper bound on MODEL's Lipschitz constant."""
+          device: str, input_path: str | None, index: int | None, eps: float | None,
+          domain: str | None, raw_options: tuple[str, ...]) -> None:
+    """Print one certified upper bound on MODEL's Lipschitz constant (on a box with
+    --input/--eps for local methods)."""
     from .errors import MethodNotApplicable
     from .estimators import run_estimator
     from .report import bounds_payload, bounds_table, print_table, write_json
 
-    options = {"device": _check_device(device), **parse_options(raw_options)}
+    options = {"device": _check_device(device), **_region(input_path, index, eps, domain),
+               **parse_options(raw_options)}
     graph = _load(model, no_verify)
-    with _err.status(f"bounding with {method} …"):
+    _check_region(graph, options)
+    with _err.status(f"bounding with {method} …") as status:
+        def show(info: dict) -> None:
+            status.update(f"{method}: branch-and-bound {info['elapsed']:.0f} s, "
+                          f"{info['domains']:,} domains ({info['open']:,} open), "
+                          f"bound {info['upper']:.6g}")
+
+        if method == "local":
+            options.setdefault("progress", show)
         result = run_estimator(graph, method, norm, **options)
     print_table(bounds_table(graph, [result]), to_stderr=json_out == "-")
     if json_out:
@@ -227,8 +273,7 @@ def compare(model, methods, norm, input_path, index, eps, domain, timeout, json_
             plot, config_path, no_verify, device) -> None:
     """Every method side by side with a lower bound, the tightness ratio and the time."""
     from . import compare as CMP
-    from .config import load_point, read_config
-    from .errors import InputError
+    from .config import read_config
     from .estimators import parse_norm
     from .report import (
         bounds_payload,
@@ -246,30 +291,13 @@ def compare(model, methods, norm, input_path, index, eps, domain, timeout, json_
     names = [m.strip() for m in names if m.strip()]
     norm = parse_norm(norm or section.get("norm", "2"))
     timeout = float(timeout if timeout is not None else section.get("timeout", 120.0))
-    region: dict = {}
-    if domain:
-        try:
-            lo, hi = (float(v) for v in domain.split(","))
-        except ValueError:
-            raise InputError(f"--domain {domain!r}: expected LOW,HIGH") from None
-        region["domain"] = (lo, hi)
-    if input_path is not None or eps is not None:
-        if input_path is None or eps is None:
-            raise InputError("a local comparison needs both --input and --eps")
-        if eps < 0:
-            raise InputError("--eps must be >= 0")
-        region.update(center=load_point(input_path, index).reshape(-1), eps=float(eps))
+    region = _region(input_path, index, eps, domain)
     options = {name: {**cfg.get("methods", {}).get(name, {})} for name in [*names, "lower"]}
     _check_device(device)
     for name in names:
         options[name].setdefault("device", device)
     graph = _load(model, no_verify)
-    n_inputs = 1
-    for d in graph.input_shape:
-        n_inputs *= d
-    if "center" in region and region["center"].size != n_inputs:
-        raise InputError(f"--input has {region['center'].size} values; the model takes "
-                         f"{graph.input_shape}")
+    _check_region(graph, region)
     with _err.status("comparing …") as status:
         results, lower = CMP.compare(
             graph, names, norm, options=options, timeout=timeout, region=region,

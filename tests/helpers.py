@@ -63,3 +63,28 @@ def sampled_gradient_lower(graph, norm: str, samples: int = 128, seed: int = 1) 
                else jac.abs().sum(1).max())
         best = max(best, float(val))
     return best
+
+
+def mlp_graph(weights: list[np.ndarray], biases: list[np.ndarray], act) -> object:
+    """A lipcert IR graph (Dense, act, Dense, ...) built directly, without ONNX."""
+    from lipcert.ir import ops as O
+    from lipcert.ir.graph import Graph, Node
+
+    nodes, prev = [], "x"
+    for k, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        nodes.append(Node(O.Dense(np.asarray(w, float), np.asarray(b, float), 1), (prev,),
+                          f"z{k}", (1, w.shape[0]), f"dense{k}"))
+        prev = f"z{k}"
+        if k < len(weights) - 1:
+            nodes.append(Node(act, (prev,), f"h{k}", (1, w.shape[0]), f"act{k}"))
+            prev = f"h{k}"
+    return Graph("x", (1, weights[0].shape[1]), prev, tuple(nodes))
+
+
+def random_mlp(widths: list[int], act, seed: int, bias_scale: float = 0.5):
+    rng = np.random.default_rng(seed)
+    weights = [rng.standard_normal((widths[i + 1], widths[i])) / np.sqrt(widths[i])
+               for i in range(len(widths) - 1)]
+    biases = [rng.uniform(-bias_scale, bias_scale, widths[i + 1])
+              for i in range(len(widths) - 1)]
+    return mlp_graph(weights, biases, act)

@@ -96,3 +96,85 @@ def test_every_solver_gives_a_checked_bound(tmp_path, solver):
     assert "certified" in result.details["certificate"]
     assert sampled_gradient_lower(graph, "2", samples=64) <= result.upper
     assert result.upper <= lipcert.bound(graph, "naive", "2").upper
+
+
+def _maxmin_graph(weights, biases):
+    """W_l GS(... GS(W_1 x + b_1) ...) with MaxMin on pairs (i, i + h), as an IR graph."""
+    from lipcert.ir import ops as O
+    from lipcert.ir.graph import Graph, Node
+
+    nodes, prev = [], "x"
+    for k, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        nodes.append(Node(O.Dense(w, b, 1), (prev,), f"z{k}", (1, w.shape[0]), f"d{k}"))
+        prev = f"z{k}"
+        if k < len(weights) - 1:
+            h = w.shape[0] // 2
+            groups = np.array([[i, i + h] for i in range(h)])
+            nodes.append(Node(O.GroupSort(1, groups), (prev,), f"g{k}", (1, w.shape[0]),
+                              f"maxmin{k}"))
+            prev = f"g{k}"
+    return Graph("x", (1, weights[0].shape[1]), prev, tuple(nodes))
+
+
+def _maxmin_as_relu(weights, biases):
+    """The same function as a ReLU chain: max(a, b) = b + relu(a - b), min = a - relu(a - b),
+    with the identity written as relu(t) - relu(-t) (LipSDP needs a chain)."""
+    from helpers import mlp_graph
+
+    from lipcert.ir import ops as O
+
+    def n_and_m(n):
+        h = n // 2
+        eye = np.eye(n)
+        big_n = np.vstack([eye[:h] - eye[h:], eye, -eye])  # u = [a - b; v; -v]
+        big_m = np.zeros((n, h + 2 * n))
+        for i in range(h):
+            big_m[i, i] = 1.0  # max_i = r_i + b_i
+            big_m[i, h + h + i], big_m[i, h + n + h + i] = 1.0, -1.0
+            big_m[h + i, i] = -1.0  # min_i = a_i - r_i
+            big_m[h + i, h + i], big_m[h + i, h + n + i] = 1.0, -1.0
+        return big_n, big_m
+
+    new_w, new_b, m_prev = [], [], None
+    for k, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        w_in = w if m_prev is None else w @ m_prev
+        if k < len(weights) - 1:
+            big_n, m_prev = n_and_m(w.shape[0])
+            new_w.append(big_n @ w_in)
+            new_b.append(big_n @ b)
+        else:
+            new_w.append(w_in)
+            new_b.append(b)
+    return mlp_graph(new_w, new_b, O.Relu())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_groupsort_constraints_beat_naive_and_the_relu_rewrite(seed):
+    from lipcert.ir import evaluate
+
+    rng = np.random.default_rng(seed)
+    sizes = [5, 8, 8, 3]
+    weights = [rng.standard_normal((b, a)) / np.sqrt(a)
+               for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+    biases = [rng.uniform(-0.5, 0.5, w.shape[0]) for w in weights]
+    gs, relu = _maxmin_graph(weights, biases), _maxmin_as_relu(weights, biases)
+    xs = torch.as_tensor(rng.standard_normal((20, 1, 5)))
+    assert torch.allclose(evaluate.run_batch(gs, xs), evaluate.run_batch(relu, xs), atol=1e-12)
+    ours = lipcert.bound(gs, "lipsdp", "2")
+    naive = lipcert.bound(gs, "naive", "2").upper
+    rewritten = lipcert.bound(relu, "lipsdp", "2").upper
+    lower = sampled_gradient_lower(gs, "2")
+    assert ours.upper is not None, ours.notes
+    assert lower <= ours.upper <= naive
+    assert ours.upper < rewritten * (1 - 1e-3)
+    layer = lipcert.bound(gs, "lipsdp", "2", form="layer").upper
+    assert ours.upper <= layer * (1 + 1e-6)
+
+
+def test_digits_maxmin_lipsdp_between_lower_and_naive():
+    from helpers import MODELS
+
+    graph = lipcert.load(MODELS / "digits_maxmin.onnx")
+    result = lipcert.bound(graph, "lipsdp", "2")
+    naive = lipcert.bound(graph, "naive", "2").upper
+    assert sampled_gradient_lower(graph, "2", samples=64) <= result.upper < naive

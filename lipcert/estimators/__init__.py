@@ -9,4 +9,4 @@ __all__ = ["REGISTRY", "Bound", "Estimator", "get_estimator", "parse_norm", "run
 
 
 def load_all() -> None:
-    from . import exact, gram, lipsdp, lower, naive  # noqa: F401
+    from . import exact, gram, lipsdp, local, lower, naive  # noqa: F401

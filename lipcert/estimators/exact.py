@@ -25,11 +25,12 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import lil_matrix
 
-from ..errors import InputError, MethodNotApplicable
+from ..errors import MethodNotApplicable
 from ..ir import ops as O
 from ..ir.graph import Graph
 from .base import Bound, Estimator, register
 from .chain import dense_chain
+from .region import box_from_options
 
 MAX_RELUS = 200
 MAX_INPUTS = 400
@@ -258,20 +259,3 @@ class ExactEstimator(Estimator):
                      sound=False, scope="box", region=region, notes=notes,
                      details={"relus": n_relu, "status": statuses})
 
-
-def box_from_options(options: dict, n_in: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    """The input box: center +- eps (local) or the domain [low, high]^n (default [-1, 1])."""
-    if options.get("center") is not None:
-        center = np.asarray(options["center"], dtype=np.float64).reshape(-1)
-        if center.size != n_in:
-            raise InputError(f"the input point has {center.size} values, the model takes {n_in}")
-        eps = float(options.get("eps", 0.0))
-        low, high = center - eps, center + eps
-        if options.get("domain") is not None:
-            dl, dh = options["domain"]
-            low, high = np.maximum(low, dl), np.minimum(high, dh)
-        return low, high, {"kind": "box", "eps": eps, "describe": f"x0 +- {eps:g} (linf)"}
-    dl, dh = options.get("domain") or (-1.0, 1.0)
-    return (np.full(n_in, float(dl)), np.full(n_in, float(dh)),
-            {"kind": "domain", "low": float(dl), "high": float(dh),
-             "describe": f"[{dl:g}, {dh:g}]^{n_in}"})

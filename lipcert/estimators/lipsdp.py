@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,18 @@ SCS_NEURONS = 320  # SCS in "auto" for chains of >= 3 hidden layers (where first
 SCS_AUTO_SECONDS = 15.0
 
 
+@dataclass(frozen=True)
+class GroupQC:
+    """GroupSort/MaxMin layer: ``groups`` (n_groups, g) are positions within the layer.
+
+    Pauli, Havens, Araujo, Garg, Khorrami, Allgower, Hu (ICLR 2024), Sec. 4: each group is
+    1-Lipschitz and preserves its sum, so for any lambda_j >= 0 and any real gamma_j
+        dv^T T dv - dw^T T dw >= 0,   T = blkdiag_j(lambda_j I + gamma_j 1 1^T),
+    for the increments dv of the group's input and dw of its output."""
+
+    groups: np.ndarray
+
+
 def _structure(weights: list[np.ndarray]):
     """Row blocks of A: (row offset, column offset, W) for each hidden layer."""
     n0 = weights[0].shape[1]
@@ -50,22 +63,83 @@ def _structure(weights: list[np.ndarray]):
     return n0, row, blocks
 
 
-def assemble(weights, slopes: list[tuple[float, float]], lam, absolute: bool = False,
-             xp=np):
+def n_multipliers(weights, qcs) -> list[int]:
+    """Entries of the multiplier vector per hidden layer: one per neuron for a slope
+    restriction, (lambda_j, gamma_j) per group for GroupSort."""
+    return [2 * q.groups.shape[0] if isinstance(q, GroupQC) else w.shape[0]
+            for w, q in zip(weights[:-1], qcs, strict=True)]
+
+
+def nonneg_mask(weights, qcs) -> np.ndarray:
+    """True where a multiplier must be >= 0 (all but the GroupSort gamma_j)."""
+    parts = []
+    for w, q in zip(weights[:-1], qcs, strict=True):
+        if isinstance(q, GroupQC):
+            n = q.groups.shape[0]
+            parts.append(np.r_[np.ones(n, bool), np.zeros(n, bool)])
+        else:
+            parts.append(np.ones(w.shape[0], bool))
+    return np.concatenate(parts) if parts else np.zeros(0, bool)
+
+
+def parameter_groups(weights, qcs, form: str) -> list[np.ndarray]:
+    """Index sets of the multiplier vector that share one SDP variable in each form."""
+    groups, offset = [], 0
+    for n, q in zip(n_multipliers(weights, qcs), qcs, strict=True):
+        idx = np.arange(offset, offset + n)
+        offset += n
+        if form == "neuron":
+            groups += [idx[i:i + 1] for i in range(n)]
+        elif isinstance(q, GroupQC):
+            groups += [idx[: n // 2], idx[n // 2:]]
+        else:
+            groups.append(idx)
+    return groups
+
+
+def _membership(groups: np.ndarray, size: int) -> np.ndarray:
+    g = np.zeros((size, groups.shape[0]))
+    for j, row in enumerate(groups):
+        g[row, j] = 1.0
+    return g
+
+
+def assemble(weights, slopes, lam, absolute: bool = False, xp=np):
     """P = sum_i lam_i F_i + blkdiag(0, .., W_l^T W_l), dense (rho excluded).
 
-    ``xp`` is numpy (float64 arrays) or torch (float64 tensors, differentiable in ``lam``).
-    With ``absolute`` (numpy only) every term's absolute value is summed instead: an
-    entrywise bound used for the rounding error of forming P.
+    ``slopes`` gives each hidden layer's quadratic constraint: (alpha, beta) for a slope
+    restriction, or a :class:`GroupQC`. ``xp`` is numpy (float64 arrays) or torch (float64
+    tensors, differentiable in ``lam``). With ``absolute`` (numpy only) every term's
+    absolute value is summed instead: an entrywise bound used for the rounding error of
+    forming P.
     """
     n0, n_hidden, blocks = _structure(weights)
     d = n0 + n_hidden
     p = xp.zeros((d, d), dtype=xp.float64)
+    offset = 0
     for k, (row, col, w) in enumerate(blocks):
-        alpha, beta = slopes[k]
-        lk = lam[row:row + w.shape[0]]
+        qc = slopes[k]
         cols = slice(col, col + w.shape[1])
         hid = slice(n0 + row, n0 + row + w.shape[0])
+        if isinstance(qc, GroupQC):
+            n_groups = qc.groups.shape[0]
+            lk, gk = lam[offset:offset + n_groups], lam[offset + n_groups:offset + 2 * n_groups]
+            offset += 2 * n_groups
+            memb = _membership(qc.groups, w.shape[0])
+            if xp is not np:
+                memb = xp.as_tensor(memb, dtype=xp.float64)
+            if absolute:
+                t = np.diag(memb @ np.abs(lk)) + memb @ (np.abs(gk)[:, None] * memb.T)
+                p[cols, cols] += np.abs(w).T @ t @ np.abs(w)
+                p[hid, hid] += t
+            else:
+                t = xp.diag(memb @ lk) + memb @ (gk[:, None] * memb.T)
+                p[cols, cols] += w.T @ t @ w
+                p[hid, hid] += -t
+            continue
+        alpha, beta = qc
+        lk = lam[offset:offset + w.shape[0]]
+        offset += w.shape[0]
         wl = lk[:, None] * w  # T W
         if absolute:
             p[cols, cols] += abs(2.0 * alpha * beta) * (np.abs(w).T @ np.abs(wl))
@@ -83,6 +157,11 @@ def assemble(weights, slopes: list[tuple[float, float]], lam, absolute: bool = F
     return p
 
 
+def _equivalent_slopes(qc) -> tuple[float, float]:
+    """With gamma = 0 the GroupSort constraint is the slope constraint [-1, 1] (times 2)."""
+    return (-1.0, 1.0) if isinstance(qc, GroupQC) else qc
+
+
 def feasible_start(weights, slopes) -> np.ndarray:
     """Per-layer multipliers that make the hidden block negative definite by block diagonal
     dominance: t_{l-1} = 2 ||W_l||^2, t_k = 2 max(a^2, b^2)... ||W_{k+1}||^2 t_{k+1} (+ the
@@ -91,11 +170,18 @@ def feasible_start(weights, slopes) -> np.ndarray:
     t = [0.0] * len(sizes)
     t[-1] = 2.0 * np.linalg.norm(weights[-1], 2) ** 2 + 1e-12
     for k in range(len(sizes) - 2, -1, -1):
-        alpha, beta = slopes[k + 1]
+        alpha, beta = _equivalent_slopes(slopes[k + 1])
         nw = np.linalg.norm(weights[k + 1], 2) ** 2
         t[k] = 4.0 * ((alpha + beta) ** 2 / 4.0 + abs(alpha * beta) + 1.0) * nw * t[k + 1] \
             + 1e-12
-    return np.concatenate([np.full(n, tk) for n, tk in zip(sizes, t, strict=True)])
+    parts = []
+    for tk, w, qc in zip(t, weights[:-1], slopes, strict=True):
+        if isinstance(qc, GroupQC):
+            n = qc.groups.shape[0]
+            parts.append(np.r_[np.full(n, 2.0 * tk), np.zeros(n)])
+        else:
+            parts.append(np.full(w.shape[0], tk))
+    return np.concatenate(parts)
 
 
 def propose_first_order(weights, slopes, form: str, iterations: int = 1000,
@@ -106,19 +192,26 @@ def propose_first_order(weights, slopes, form: str, iterations: int = 1000,
     import torch
 
     ws = [torch.as_tensor(w, dtype=torch.float64) for w in weights]
-    sizes = [w.shape[0] for w in weights[:-1]]
     n0 = weights[0].shape[1]
-    start = np.log(feasible_start(weights, slopes))
-    if form == "layer":
-        start = np.array([start[sum(sizes[:k])] for k in range(len(sizes))])
-    u = torch.tensor(start, dtype=torch.float64, requires_grad=True)
+    start = feasible_start(weights, slopes)
+    positive = nonneg_mask(weights, slopes)
+    index = [g[0] for g in parameter_groups(weights, slopes, form)]
+    scatter = np.zeros(len(start), dtype=np.int64)
+    for j, g in enumerate(parameter_groups(weights, slopes, form)):
+        scatter[g] = j
+    pos = torch.as_tensor(positive[index])
+    init = np.where(positive[index], np.log(np.maximum(start[index], 1e-300)), start[index])
+    u = torch.tensor(init, dtype=torch.float64, requires_grad=True)
+    scatter_t = torch.as_tensor(scatter)
+
+    def multipliers(v):
+        return torch.where(pos, torch.exp(v), v)[scatter_t]
+
     opt = torch.optim.Adam([u], lr=0.2)
-    repeat = torch.as_tensor(sizes)
     best, best_u = np.inf, u.detach().clone()
     t0 = time.perf_counter()
     for it in range(iterations):
-        lam = torch.exp(u) if form == "neuron" else torch.repeat_interleave(torch.exp(u), repeat)
-        p = assemble(ws, slopes, lam, xp=torch)
+        p = assemble(ws, slopes, multipliers(u), xp=torch)
         chol, info = torch.linalg.cholesky_ex(-p[n0:, n0:])
         if int(info) != 0:  # left the domain: step back towards the last good point
             with torch.no_grad():
@@ -127,7 +220,7 @@ def propose_first_order(weights, slopes, form: str, iterations: int = 1000,
         y = torch.linalg.solve_triangular(chol, p[n0:, :n0], upper=False)
         schur = p[:n0, :n0] + y.T @ y
         eig = torch.linalg.eigvalsh((schur + schur.T) / 2)
-        value = float(eig[-1])
+        value = float(eig[-1].detach())
         if value < best:
             best, best_u = value, u.detach().clone()
         sharp = 50.0 * (1 + it / 50) / max(abs(value), 1e-300)
@@ -137,16 +230,13 @@ def propose_first_order(weights, slopes, form: str, iterations: int = 1000,
         opt.step()
         if time.perf_counter() - t0 > time_limit:
             break
-    lam = np.exp(best_u.numpy())
-    if form == "layer":
-        lam = np.repeat(lam, sizes)
+    with torch.no_grad():
+        lam = multipliers(best_u).numpy()
     return lam, {"status": f"first-order ({it + 1} steps)",
                  "solve_s": time.perf_counter() - t0}
 
 
-def certify_multipliers(weights, slopes, lam) -> tuple[float | None, str]:
-    """A float-rigorous rho for fixed multipliers, or (None, why)."""
-    lam = np.maximum(np.asarray(lam, dtype=np.float64), 0.0)
+def _certify_fixed(weights, slopes, lam) -> tuple[float | None, str]:
     n0 = weights[0].shape[1]
     p = assemble(weights, slopes, lam)
     rho = smallest_rho(p[:n0, :n0], p[:n0, n0:], p[n0:, n0:])
@@ -165,6 +255,26 @@ def certify_multipliers(weights, slopes, lam) -> tuple[float | None, str]:
         if proves_positive_definite(-m, formation + U * trial * d):
             return trial, f"certified with margin {bump:g}"
     return None, "the Cholesky check of -M failed at every margin"
+
+
+def certify_multipliers(weights, slopes, lam) -> tuple[float | None, str]:
+    """A float-rigorous rho for fixed multipliers, or (None, why).
+
+    Multipliers on the boundary of feasibility (common when the hidden block has no cross
+    terms, as with GroupSort) cannot be proved in floating point; then we try
+    (1 - theta) T + theta T_0 with the strictly feasible :func:`feasible_start` T_0: the LMI
+    is convex in (rho, T), so the mixture is strictly feasible and its rho* is close."""
+    lam = np.asarray(lam, dtype=np.float64)
+    lam = np.where(nonneg_mask(weights, slopes), np.maximum(lam, 0.0), lam)
+    rho, why = _certify_fixed(weights, slopes, lam)
+    if rho is not None:
+        return rho, why
+    start = feasible_start(weights, slopes)
+    for theta in (1e-9, 1e-7, 1e-5, 1e-3, 1e-1):
+        rho, _ = _certify_fixed(weights, slopes, (1 - theta) * lam + theta * start)
+        if rho is not None:
+            return rho, f"certified after mixing {theta:g} of the feasible start in"
+    return None, why
 
 
 def rescale(weights: list[np.ndarray]) -> tuple[list[np.ndarray], float]:
@@ -192,48 +302,67 @@ def _compress(weights: list[np.ndarray]) -> list[np.ndarray]:
     return [r.T, *weights[1:]]
 
 
-def lmi_expression(weights, slopes, variables, sizes, form: str, rho, cp):
+def lmi_components(weights, slopes) -> list[tuple[int, int]]:
+    """Index ranges of M that are the diagonal blocks of its block-diagonal structure.
+
+    Hidden layer k couples to its input block only through the cross term (alpha + beta) T W
+    of a slope restriction; GroupSort constraints have no cross term, so M splits there and
+    the LMI becomes a chain of small ones (Pauli et al., ICLR 2024, Sec. 5)."""
+    n0, _, blocks = _structure(weights)
+    bounds = [(0, n0)] + [(n0 + row, n0 + row + w.shape[0]) for row, _, w in blocks]
+    comps: list[list[int]] = [[0]]
+    for k, qc in enumerate(slopes):
+        coupled = not isinstance(qc, GroupQC) and (qc[0] + qc[1]) != 0
+        if coupled:
+            comps[-1].append(k + 1)
+        else:
+            comps.append([k + 1])
+    return [(bounds[c[0]][0], bounds[c[-1]][1]) for c in comps]
+
+
+def lmi_expression(weights, slopes, v, groups: list[np.ndarray], rho, cp):
     """The LMI matrix M(rho, T) as a cvxpy expression, built from :func:`assemble` (the same
-    code the certificate checks): M = sum_j v_j (P(e_j) - P(0)) + P(0) - rho E, P linear in T."""
+    code the certificate checks): M = sum_j v_j (P(e_j) - P(0)) + P(0) - rho E, P linear in
+    the multipliers; variable j sets the multiplier entries ``groups[j]``."""
     import scipy.sparse as sp
 
-    n_hidden = sum(sizes)
+    n_lam = sum(len(g) for g in groups)
     n0 = weights[0].shape[1]
-    d = n0 + n_hidden
-    base = assemble(weights, slopes, np.zeros(n_hidden))
+    base = assemble(weights, slopes, np.zeros(n_lam))
+    d = base.shape[0]
     cols, rows, vals = [], [], []
-    offset = 0
-    for j, n in enumerate(sizes if form == "layer" else [1] * n_hidden):
-        lam = np.zeros(n_hidden)
-        lam[offset:offset + n] = 1.0
-        offset += n
+    for j, idx in enumerate(groups):
+        lam = np.zeros(n_lam)
+        lam[idx] = 1.0
         column = (assemble(weights, slopes, lam) - base).reshape(-1)
         nz = np.flatnonzero(column)
         rows.append(nz)
         vals.append(column[nz])
         cols.append(np.full(nz.size, j))
     jac = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                        shape=(d * d, len(rows)))
-    v = variables[0] if form == "neuron" else cp.hstack(variables)
+                        shape=(d * d, len(groups)))
     e_in = np.zeros((d, d))
     e_in[:n0, :n0] = np.eye(n0)
     return cp.reshape(jac @ v, (d, d), order="C") + base - rho * e_in
 
 
 def solve_lipsdp(weights, slopes, form: str, solver: str, time_limit: float):
-    """Solve the SDP; returns per-neuron multipliers and solver info."""
+    """Solve the SDP; returns the multiplier vector and solver info."""
     if solver.lower() == "firstorder":
         return propose_first_order(weights, slopes, form, time_limit=time_limit)
     import cvxpy as cp
 
-    sizes = [w.shape[0] for w in weights[:-1]]
-    if form == "neuron":
-        variables = [cp.Variable(sum(sizes), nonneg=True)]
-    else:
-        variables = [cp.Variable(nonneg=True) for _ in sizes]
+    groups = parameter_groups(weights, slopes, form)
+    positive = nonneg_mask(weights, slopes)
+    v = cp.Variable(len(groups))
     rho = cp.Variable()
-    m = lmi_expression(weights, slopes, variables, sizes, form, rho, cp)
-    problem = cp.Problem(cp.Minimize(rho), [(m + m.T) / 2 << 0])
+    m = lmi_expression(weights, slopes, v, groups, rho, cp)
+    sym = (m + m.T) / 2
+    constraints = [sym[a:b, a:b] << 0 for a, b in lmi_components(weights, slopes)]
+    signed = [j for j, g in enumerate(groups) if positive[g[0]]]
+    if signed:
+        constraints.append(v[signed] >= 0)
+    problem = cp.Problem(cp.Minimize(rho), constraints)
     kwargs: dict[str, Any] = {}
     if solver.upper() == "CLARABEL":
         kwargs = {"time_limit": time_limit}
@@ -246,18 +375,28 @@ def solve_lipsdp(weights, slopes, form: str, solver: str, time_limit: float):
     except Exception as exc:  # solver failure: no multipliers
         return None, {"status": f"solver error: {exc}", "solve_s": time.perf_counter() - start}
     info = {"status": problem.status, "solve_s": time.perf_counter() - start}
-    if any(v.value is None for v in variables):
+    if v.value is None:
         return None, info
-    if form == "neuron":
-        values = np.asarray(variables[0].value, dtype=np.float64).reshape(-1)
-    else:
-        values = np.concatenate([np.full(n, float(v.value)) for v, n in
-                                 zip(variables, sizes, strict=True)])
+    values = np.zeros(len(positive))
+    for j, idx in enumerate(groups):
+        values[idx] = float(v.value[j])
     return values, info
 
 
-def slopes_of(chain: DenseChain) -> list[tuple[float, float]]:
-    return [O.slope_range(a) for a in chain.activations]
+def slopes_of(chain: DenseChain) -> list:
+    """Each hidden layer's quadratic constraint: (alpha, beta) or a GroupQC."""
+    qcs = []
+    for act, w in zip(chain.activations, chain.weights, strict=False):
+        if isinstance(act, O.GroupSort):
+            groups = np.asarray(act.groups, dtype=np.int64)
+            if groups.max(initial=-1) >= w.shape[0] or \
+                    np.unique(groups).size != groups.size:
+                raise MethodNotApplicable("method lipsdp needs GroupSort on the layer's "
+                                          "feature axis")
+            qcs.append(GroupQC(groups))
+        else:
+            qcs.append(O.slope_range(act))
+    return qcs
 
 
 @register
@@ -266,11 +405,11 @@ class LipSDPEstimator(Estimator):
     summary = ("LipSDP (Neuron/Layer forms) for chains with slope-restricted activations; "
                "the printed bound is a float-rigorously checked certificate")
     norms = ("2",)
-    handlers = {O.Dense: None, O.Reshape: None, O.Scale: None,
+    handlers = {O.Dense: None, O.Reshape: None, O.Scale: None, O.GroupSort: None,
                 **{a: None for a in SLOPE_RESTRICTED}}
 
     def compute(self, graph: Graph, norm: str, **options: Any) -> Bound:
-        chain = dense_chain(graph, self.name, SLOPE_RESTRICTED)
+        chain = dense_chain(graph, self.name, (*SLOPE_RESTRICTED, O.GroupSort))
         form = str(options.get("form", "neuron")).lower()
         if form not in ("neuron", "layer"):
             raise MethodNotApplicable(f"lipsdp form {form!r}: use neuron or layer")
@@ -295,8 +434,12 @@ class LipSDPEstimator(Estimator):
         t1 = time.perf_counter()
         if solver == "auto":  # each proposal is checked; the smallest certified value wins
             deep = len(chain.activations) >= 3
-            proposers = ["firstorder"] + (["scs"] if deep and n_hidden <= SCS_NEURONS else []) + \
-                (["clarabel"] if n_hidden <= INTERIOR_POINT_NEURONS else [])
+            # a chain of small LMIs (GroupSort layers split M): SCS solves it in seconds;
+            # Clarabel measured failing there (boundary-feasible optimum), kept for one LMI
+            split = len(lmi_components(compressed, slopes)) > 1
+            proposers = ["firstorder"] + \
+                (["scs"] if (deep or split) and n_hidden <= SCS_NEURONS else []) + \
+                (["clarabel"] if n_hidden <= INTERIOR_POINT_NEURONS and not split else [])
         else:
             proposers = [solver]
         rho, how, statuses, solve_s, check_s = None, "no proposal", {}, 0.0, 0.0

@@ -18,6 +18,7 @@ from ..ir import evaluate
 from ..ir.graph import Graph
 from .base import Bound, Estimator, register
 from .naive import MULTI, UNARY
+from .region import parse_domain
 
 
 def jacobians(graph: Graph, xs: torch.Tensor) -> torch.Tensor:
@@ -149,7 +150,7 @@ class LowerEstimator(Estimator):
         value, where = sample_lower_bound(
             graph, norm, samples=samples, seed=int(options.get("seed", 0)),
             center=center, radius=None if center is None else float(eps),
-            domain=options.get("domain"))
+            domain=parse_domain(options.get("domain")))
         scope = "global" if center is None else "box"
         return Bound(method=self.name, norm=norm, upper=None, lower=value, sound=False,
                      scope=scope,

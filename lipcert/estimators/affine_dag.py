@@ -1,0 +1,145 @@
+"""A graph as a DAG of dense affine maps between elementwise activations.
+
+Every value of the IR graph is an affine function of the *bases*: base 0 is the flattened
+input x, base k >= 1 is the output of the k-th activation node. Linear ops (Dense, Conv,
+ConvTranspose, Scale, Add, Concat, layout and pooling ops) are applied to the columns of
+these affine maps with the evaluator's own torch forward, so the unrolled matrices are the
+ops' exact linear parts (in float64). Then
+
+    z_k = sum_{j<k} M[k][j] B_j + c_k,   B_k = sigma_k(z_k),   f = sum_j M_out[j] B_j + c_out,
+
+which is the form bound propagation works on (residual connections are extra M[k][j]).
+Used by the ``local`` estimator and by LipSDP for conv layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from ..errors import MethodNotApplicable
+from ..ir import evaluate
+from ..ir import ops as O
+from ..ir.graph import Graph
+
+MAX_ENTRIES = 30_000_000
+
+_ACTIVATIONS = O.ELEMENTWISE_ACTIVATIONS
+_LINEAR = (O.Dense, O.Conv, O.ConvTranspose, O.Scale, O.Add, O.Concat, O.Reshape, O.Transpose,
+           O.Slice, O.Pad, O.AvgPool, O.GlobalAvgPool)
+
+
+@dataclass
+class Affine:
+    """sum_j maps[j] @ B_j + bias, with maps[j] of shape (size, n_j)."""
+
+    maps: dict[int, torch.Tensor]
+    bias: torch.Tensor
+
+    @property
+    def entries(self) -> int:
+        return sum(m.numel() for m in self.maps.values())
+
+
+@dataclass
+class AffineDag:
+    """Bases 0..K (0 = input); ``pre[k - 1]`` is z_k, ``acts[k - 1]`` is sigma_k."""
+
+    sizes: list[int]
+    acts: list[O.Op]
+    pre: list[Affine]
+    out: Affine
+    sources: list[str]
+
+    @property
+    def n_acts(self) -> int:
+        return len(self.acts)
+
+    def entries(self) -> int:
+        return sum(a.entries for a in self.pre) + self.out.entries
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Pre-activations z_1..z_K and the output at a batch of points x (B, n_0)."""
+        bases, zs = [x], []
+        for affine, op in zip(self.pre, self.acts, strict=True):
+            z = apply_affine(affine, bases)
+            zs.append(z)
+            bases.append(evaluate.apply(op, z))
+        return zs, apply_affine(self.out, bases)
+
+
+def apply_affine(affine: Affine, bases: list[torch.Tensor]) -> torch.Tensor:
+    """affine applied to a batch: bases[j] has shape (B, n_j)."""
+    y = affine.bias.expand(bases[0].shape[0], -1).clone()
+    for j, m in affine.maps.items():
+        y = y + bases[j] @ m.T
+    return y
+
+
+def linear_part(op: O.Op) -> O.Op:
+    """The op without its constant term (bias, shift, pad value): exact linear part."""
+    if isinstance(op, (O.Dense, O.Conv, O.ConvTranspose)) and op.bias is not None:
+        return replace(op, bias=None)
+    if isinstance(op, O.Scale):
+        return replace(op, shift=np.zeros_like(op.shift))
+    if isinstance(op, O.Pad) and op.value != 0:
+        return replace(op, value=0.0)
+    return op
+
+
+def _apply_linear(op: O.Op, node_shape, in_shapes, inputs: list[Affine]) -> Affine:
+    dtype = torch.float64
+    biases = [a.bias.reshape(shape) for a, shape in zip(inputs, in_shapes, strict=True)]
+    with torch.no_grad():
+        bias = evaluate.apply(op, *biases).reshape(-1)
+        lin = linear_part(op)
+        maps: dict[int, torch.Tensor] = {}
+        bases = sorted({j for a in inputs for j in a.maps})
+        for j in bases:
+            n_j = next(a.maps[j].shape[1] for a in inputs if j in a.maps)
+            cols = [a.maps[j].T.reshape(n_j, *shape) if j in a.maps else
+                    torch.zeros((n_j, *shape), dtype=dtype)
+                    for a, shape in zip(inputs, in_shapes, strict=True)]
+            out = torch.func.vmap(lambda *xs, _lin=lin: evaluate.apply(_lin, *xs))(*cols)
+            maps[j] = out.reshape(n_j, -1).T.contiguous()
+    size = int(np.prod(node_shape))
+    return Affine({j: m for j, m in maps.items() if torch.any(m != 0)} or {}, bias.reshape(size))
+
+
+def build_affine_dag(graph: Graph, method: str, max_entries: int = MAX_ENTRIES) -> AffineDag:
+    """Unroll ``graph`` into an :class:`AffineDag`; ops other than linear ones and elementwise
+    activations are refused by node name."""
+    n0 = int(np.prod(graph.input_shape))
+    values: dict[str, Affine] = {
+        graph.input: Affine({0: torch.eye(n0, dtype=torch.float64)},
+                            torch.zeros(n0, dtype=torch.float64))}
+    sizes, acts, pre, sources = [n0], [], [], []
+    total = n0 * n0
+    for node in graph.nodes:
+        op = node.op
+        size = int(np.prod(node.shape))
+        if isinstance(op, _ACTIVATIONS):
+            k = len(sizes)
+            pre.append(values[node.inputs[0]])
+            acts.append(op)
+            sizes.append(size)
+            sources.append(node.source)
+            values[node.output] = Affine({k: torch.eye(size, dtype=torch.float64)},
+                                         torch.zeros(size, dtype=torch.float64))
+            continue
+        if not isinstance(op, _LINEAR):
+            raise MethodNotApplicable(
+                f"method {method} does not support op {op.kind} at node {node.source!r}")
+        inputs = [values[i] for i in node.inputs]
+        expected = size * sum(sizes[j] for j in {j for a in inputs for j in a.maps})
+        if total + expected > max_entries:
+            raise MethodNotApplicable(
+                f"method {method} unrolls linear layers into matrices, and node "
+                f"{node.source!r} takes the total past {max_entries:,} entries; raise "
+                "-o max_entries=N if memory allows")
+        values[node.output] = _apply_linear(op, node.shape,
+                                            [graph.shape_of(i) for i in node.inputs], inputs)
+        total += values[node.output].entries
+    return AffineDag(sizes, acts, pre, values[graph.output], sources)
