@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import __version__
 from .estimators import Bound, get_estimator, run_estimator
 from .ir.graph import Graph
 
@@ -62,20 +61,21 @@ def compare(graph: Graph, methods: list[str], norm: str, *, options: dict[str, d
         if progress:
             progress(method)
         try:
-            get_estimator(method)
+            estimator = get_estimator(method)
         except Exception as exc:
-            why = (f"not available in lipcert {__version__}" if method in DEFAULT_METHODS
-                   else str(exc))
-            results.append(Bound(method=method, norm=norm, upper=None, notes=[why],
+            results.append(Bound(method=method, norm=norm, upper=None, notes=[str(exc)],
                                  details={"not_applicable": True}))
             continue
         method_opts = {**options.get(method, {})}
         limit = method_opts.pop("timeout", timeout)
-        if method == "exact":
+        if estimator.scope == "box":  # exact, local: bound on the compared region
             method_opts.update(region_opts)
-            if limit is not None:  # let the solver stop itself and report its dual bound
-                method_opts["time_limit"] = min(float(method_opts.get("time_limit", 60.0)),
-                                                0.7 * float(limit))
+        if method == "exact" and limit is not None:  # the solver stops itself (dual bound)
+            method_opts["time_limit"] = min(float(method_opts.get("time_limit", 60.0)),
+                                            0.7 * float(limit))
+        if method == "local" and limit is not None:  # branch-and-bound stops in time
+            method_opts["bab_time"] = min(float(method_opts.get("bab_time", 10.0)),
+                                          0.5 * float(limit))
         results.append(run_with_timeout(graph, method, norm, method_opts, limit))
     return results, lower
 

@@ -178,3 +178,36 @@ def test_digits_maxmin_lipsdp_between_lower_and_naive():
     result = lipcert.bound(graph, "lipsdp", "2")
     naive = lipcert.bound(graph, "naive", "2").upper
     assert sampled_gradient_lower(graph, "2", samples=64) <= result.upper < naive
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Sigmoid])
+def test_eclipse_fast_is_a_checked_bound_between_neuron_and_naive(tmp_path, act):
+    rng = np.random.default_rng(3)
+    weights = [rng.standard_normal((12, 4)), rng.standard_normal((12, 12)),
+               rng.standard_normal((10, 12)), rng.standard_normal((2, 10))]
+    graph = lipcert.load(export(_net(weights, act), torch.randn(1, 4), tmp_path / "e.onnx"))
+    fast = lipcert.bound(graph, "lipsdp", "2", form="eclipse-fast")
+    neuron = lipcert.bound(graph, "lipsdp", "2", form="neuron").upper
+    naive = lipcert.bound(graph, "naive", "2").upper
+    assert fast.upper is not None, fast.notes
+    assert sampled_gradient_lower(graph, "2") <= neuron <= fast.upper * (1 + 1e-6)
+    assert fast.upper <= naive
+    assert "checked certificate" in fast.notes[-2]
+
+
+def test_split_chain_multiplies_subchain_bounds():
+    from helpers import random_mlp
+
+    from lipcert.ir import ops as O
+
+    graph = random_mlp([6, 16, 16, 16, 16, 3], O.Relu(), 2)
+    whole = lipcert.bound(graph, "lipsdp", "2", solver="firstorder").upper
+    split = lipcert.bound(graph, "lipsdp", "2", solver="firstorder", split=2)
+    naive = lipcert.bound(graph, "naive", "2").upper
+    assert len(split.details["subchains"]) == 2
+    assert sampled_gradient_lower(graph, "2") <= split.upper <= naive
+    assert whole <= naive
+    # a single affine tail is bounded exactly by its spectral norm
+    tail = lipcert.bound(graph, "lipsdp", "2", solver="firstorder", split=3)
+    assert tail.details["subchains"][-1]["proposers"] == ["svd"]
+    assert sampled_gradient_lower(graph, "2") <= tail.upper <= naive

@@ -30,6 +30,7 @@ from ..ir import ops as O
 from ..ir.graph import Graph
 from .base import Bound, Estimator, register
 from .chain import DenseChain, dense_chain
+from .rounding import mul_up
 from .sdp_certificate import U, proves_positive_definite, smallest_rho
 
 SLOPE_RESTRICTED = (O.Relu, O.LeakyRelu, O.Sigmoid, O.Tanh, O.Clip)
@@ -411,12 +412,8 @@ class LipSDPEstimator(Estimator):
     def compute(self, graph: Graph, norm: str, **options: Any) -> Bound:
         chain = dense_chain(graph, self.name, (*SLOPE_RESTRICTED, O.GroupSort))
         form = str(options.get("form", "neuron")).lower()
-        if form not in ("neuron", "layer"):
-            raise MethodNotApplicable(f"lipsdp form {form!r}: use neuron or layer")
-        n_hidden = sum(chain.hidden_sizes)
-        if n_hidden > int(options.get("max_neurons", MAX_NEURONS)):
-            raise MethodNotApplicable(f"method lipsdp refuses {n_hidden} hidden neurons (limit "
-                                      f"{options.get('max_neurons', MAX_NEURONS)})")
+        if form not in FORMS:
+            raise MethodNotApplicable(f"lipsdp form {form!r}: use {', '.join(FORMS)}")
         slopes = slopes_of(chain)
         if not chain.activations:  # affine: exact
             from .layer_norms import spectral_norm
@@ -427,49 +424,166 @@ class LipSDPEstimator(Estimator):
         if solver not in ("auto", "clarabel", "scs", "firstorder"):
             raise MethodNotApplicable(f"lipsdp solver {solver!r}: use auto, clarabel, scs or "
                                       "firstorder")
+        split = int(options.get("split", 0))
+        parts = split_chain(chain.weights, slopes, split)
+        limit = int(options.get("max_neurons", MAX_NEURONS if form != "eclipse-fast"
+                                else 8 * MAX_NEURONS))
+        for weights, _ in parts:
+            n_hidden = sum(w.shape[0] for w in weights[:-1])
+            if n_hidden > limit:
+                raise MethodNotApplicable(
+                    f"method lipsdp refuses {n_hidden} hidden neurons in one (sub-)chain "
+                    f"(limit {limit}); try -o split=2, -o form=eclipse-fast or -o "
+                    "max_neurons=N")
         time_limit = float(options.get("time_limit", 60.0))
-        t0 = time.perf_counter()
-        weights, factor = rescale(chain.weights)
-        compressed = _compress(weights)
-        t1 = time.perf_counter()
-        if solver == "auto":  # each proposal is checked; the smallest certified value wins
-            deep = len(chain.activations) >= 3
-            # a chain of small LMIs (GroupSort layers split M): SCS solves it in seconds;
-            # Clarabel measured failing there (boundary-feasible optimum), kept for one LMI
-            split = len(lmi_components(compressed, slopes)) > 1
-            proposers = ["firstorder"] + \
-                (["scs"] if (deep or split) and n_hidden <= SCS_NEURONS else []) + \
-                (["clarabel"] if n_hidden <= INTERIOR_POINT_NEURONS and not split else [])
+        total, boundary = 1.0, 1.0
+        details: dict[str, Any] = {"form": form, "solver": solver, "split": split,
+                                   "subchains": []}
+        for k, (weights, part_slopes) in enumerate(parts):
+            value, info = bound_subchain(weights, part_slopes, form, solver, time_limit)
+            details["subchains"].append(info)
+            if value is None:
+                notes = [f"no certificate for sub-chain {k + 1} of {len(parts)}: "
+                         f"{info['certificate']}; no bound printed (the solver's objective "
+                         "is not a bound)"]
+                return Bound(method=self.name, norm=norm, upper=None, notes=notes,
+                             details=details)
+            total = mul_up(total, value)
+            if k < len(parts) - 1:
+                qc = slopes[sum(len(pw) for pw, _ in parts[:k + 1]) - 1]
+                boundary = 1.0 if isinstance(qc, GroupQC) else max(abs(qc[0]), abs(qc[1]))
+                total = mul_up(total, boundary)
+        if len(parts) == 1:
+            details.update({key: v for key, v in details["subchains"][0].items()})
+        label = "ECLipsE-Fast" if form == "eclipse-fast" else f"LipSDP-{form.capitalize()}"
+        notes = [f"{label}" + (f" on {len(parts)} sub-chains of <= {split} hidden layers, "
+                               "multiplied with the boundary activations' max(|alpha|, "
+                               "|beta|)" if len(parts) > 1 else "")]
+        proposers = sorted({name for sc in details["subchains"] for name in sc["proposers"]})
+        notes.append(f"multipliers proposed by {', '.join(proposers)}; every value from a "
+                     "checked certificate")
+        return Bound(method=self.name, norm=norm, upper=total, notes=notes, details=details)
+
+
+FORMS = ("neuron", "layer", "eclipse-fast")
+
+
+def split_chain(weights: list[np.ndarray], slopes: list, split: int) -> list[tuple[list, list]]:
+    """Sub-chains with at most ``split`` hidden layers each (0: no split); the activation
+    between two sub-chains is bounded by its own Lipschitz constant."""
+    if split <= 0 or len(slopes) <= split:
+        return [(weights, slopes)]
+    parts, start = [], 0
+    while start < len(weights):
+        stop = min(start + split + 1, len(weights))
+        parts.append((weights[start:stop], slopes[start:stop - 1]))
+        start = stop
+    return parts
+
+
+def eclipse_fast_multipliers(weights, slopes) -> np.ndarray:
+    """ECLipsE-Fast (Xu and Sivaranjani, NeurIPS 2024, Alg. 2) for slopes [0, beta]:
+    X_0 = I, l_i = 1 / (2 m^2 lambda_max(W_i X_{i-1}^{-1} W_i^T)), m = beta / 2,
+    X_i = l_i I - l_i^2 m^2 W_i X_{i-1}^{-1} W_i^T. Returns the layer multipliers l_i
+    (repeated per neuron); the bound itself comes from the certificate check."""
+    x_prev = np.eye(weights[0].shape[1])
+    lam = []
+    for w, qc in zip(weights[:-1], slopes, strict=True):
+        if isinstance(qc, GroupQC) or qc[0] != 0.0:
+            raise MethodNotApplicable("lipsdp form eclipse-fast needs slope ranges [0, beta] "
+                                      "(ReLU, Sigmoid, Tanh, Clip)")
+        m = qc[1] / 2.0
+        k = w @ np.linalg.solve(x_prev, w.T)
+        k = (k + k.T) / 2
+        li = 1.0 / (2.0 * m * m * float(np.linalg.eigvalsh(k)[-1]))
+        x_prev = li * np.eye(w.shape[0]) - li * li * m * m * k
+        lam.append(np.full(w.shape[0], li))
+    return np.concatenate(lam)
+
+
+def _eclipse_certificate(weights, slopes):
+    """Certify the ECLipsE-Fast direction T: rho*(c T) is convex in c, so a golden-section
+    search on log c finds the best scale; every value is a checked certificate."""
+    direction = eclipse_fast_multipliers(weights, slopes)
+    best: tuple[float | None, str] = (None, "no scale certified")
+
+    def value(log_c: float) -> float:
+        nonlocal best
+        rho, why = _certify_fixed(weights, slopes, math.exp(log_c) * direction)
+        if rho is not None and (best[0] is None or rho < best[0]):
+            best = (rho, why)
+        return math.inf if rho is None else rho
+
+    lo, hi = -30.0, 30.0
+    golden = (math.sqrt(5) - 1) / 2
+    a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
+    fa, fb = value(a), value(b)
+    for _ in range(60):
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = hi - golden * (hi - lo)
+            fa = value(a)
         else:
-            proposers = [solver]
-        rho, how, statuses, solve_s, check_s = None, "no proposal", {}, 0.0, 0.0
-        for name in proposers:
-            ts = time.perf_counter()
-            limit = min(time_limit, SCS_AUTO_SECONDS) if solver == "auto" and name == "scs" \
-                else time_limit
-            lam, info = solve_lipsdp(compressed, slopes, form, name, limit)
-            tc = time.perf_counter()
-            statuses[name] = info["status"]
-            candidate, why = (None, "the solver returned no multipliers") if lam is None \
-                else certify_multipliers(weights, slopes, lam)
-            solve_s += tc - ts
-            check_s += time.perf_counter() - tc
-            statuses[name] += f"; {why}" if candidate is None else \
-                f"; certified L = {factor * math.sqrt(candidate):.6g}"
-            if candidate is not None and (rho is None or candidate < rho):
-                rho, how = candidate, f"{why}, multipliers from {name}"
-            elif rho is None:
-                how = why
-        notes = [f"LipSDP-{form.capitalize()}; multipliers proposed by "
-                 f"{', '.join(proposers)}"]
-        details = {"form": form, "solver": solver, "hidden_neurons": n_hidden,
-                   "build_s": t1 - t0, "solve_s": solve_s, "check_s": check_s,
-                   "solver_status": statuses, "certificate": how}
-        if rho is None:
-            notes.append(f"no certificate: {how}; no bound printed (the solver's objective "
-                         "is not a bound)")
-            return Bound(method=self.name, norm=norm, upper=None, notes=notes, details=details)
-        notes.append(f"bound from a checked certificate ({how})")
-        value = math.nextafter(math.sqrt(rho), math.inf) * factor  # factor: a power of two
-        return Bound(method=self.name, norm=norm, upper=value,
-                     notes=notes, details=details)
+            lo, a, fa = a, b, fb
+            b = lo + golden * (hi - lo)
+            fb = value(b)
+    return best
+
+
+def bound_subchain(weights: list[np.ndarray], slopes: list, form: str, solver: str,
+                   time_limit: float) -> tuple[float | None, dict[str, Any]]:
+    """Certified l2 bound of one chain (None if no certificate) and what was done."""
+    t0 = time.perf_counter()
+    if not slopes:  # a single affine map (the tail of a split chain)
+        from .layer_norms import spectral_norm
+
+        return spectral_norm(weights[0]), {
+            "hidden_neurons": 0, "build_s": 0.0, "solve_s": 0.0,
+            "check_s": time.perf_counter() - t0, "proposers": ["svd"],
+            "solver_status": {}, "certificate": "exact spectral norm (affine)"}
+    scaled, factor = rescale(weights)
+    compressed = _compress(scaled)
+    n_hidden = sum(w.shape[0] for w in weights[:-1])
+    t1 = time.perf_counter()
+    if form == "eclipse-fast":
+        rho, how = _eclipse_certificate(scaled, slopes)
+        t2 = time.perf_counter()
+        info = {"hidden_neurons": n_hidden, "build_s": t1 - t0, "solve_s": 0.0,
+                "check_s": t2 - t1, "proposers": ["eclipse-fast"],
+                "solver_status": {"eclipse-fast": "closed form"}, "certificate": how}
+        return (None if rho is None else
+                math.nextafter(math.sqrt(rho), math.inf) * factor), info
+    if solver == "auto":  # each proposal is checked; the smallest certified value wins
+        deep = len(slopes) >= 3
+        # a chain of small LMIs (GroupSort layers split M): SCS solves it in seconds;
+        # Clarabel measured failing there (boundary-feasible optimum), kept for one LMI
+        split = len(lmi_components(compressed, slopes)) > 1
+        proposers = ["firstorder"] + \
+            (["scs"] if (deep or split) and n_hidden <= SCS_NEURONS else []) + \
+            (["clarabel"] if n_hidden <= INTERIOR_POINT_NEURONS and not split else [])
+    else:
+        proposers = [solver]
+    rho, how, statuses, solve_s, check_s = None, "no proposal", {}, 0.0, 0.0
+    for name in proposers:
+        ts = time.perf_counter()
+        limit = min(time_limit, SCS_AUTO_SECONDS) if solver == "auto" and name == "scs" \
+            else time_limit
+        lam, info = solve_lipsdp(compressed, slopes, form, name, limit)
+        tc = time.perf_counter()
+        statuses[name] = info["status"]
+        candidate, why = (None, "the solver returned no multipliers") if lam is None \
+            else certify_multipliers(scaled, slopes, lam)
+        solve_s += tc - ts
+        check_s += time.perf_counter() - tc
+        statuses[name] += f"; {why}" if candidate is None else \
+            f"; certified L = {factor * math.sqrt(candidate):.6g}"
+        if candidate is not None and (rho is None or candidate < rho):
+            rho, how = candidate, f"{why}, multipliers from {name}"
+        elif rho is None:
+            how = why
+    info = {"hidden_neurons": n_hidden, "build_s": t1 - t0, "solve_s": solve_s,
+            "check_s": check_s, "proposers": proposers, "solver_status": statuses,
+            "certificate": how}
+    if rho is None:
+        return None, info
+    return math.nextafter(math.sqrt(rho), math.inf) * factor, info  # factor: a power of two
