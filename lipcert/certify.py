@@ -209,17 +209,17 @@ def _certify_local(graph: Graph, x: np.ndarray, y: np.ndarray, logits: np.ndarra
     prediction is certified at eps when every margin exceeds L_yj * eps, and
     min(eps, margin / L_yj) is a certified radius (the box of a smaller radius is inside)."""
     from .estimators.affine_dag import MAX_ENTRIES, build_affine_dag
-    from .estimators.base import weighted_onnx_nodes
+    from .estimators.base import execution_margin
     from .estimators.local import local_bound
     from .estimators.region import box_from_options
-    from .estimators.rounding import float32_execution_margin, mul_up
+    from .estimators.rounding import mul_up
 
     if norm != "inf":
         raise InputError("method local bounds linf boxes: use --norm inf")
     if eps <= 0:
         raise InputError("method local needs --eps > 0 (the box it bounds)")
     dag = build_affine_dag(graph, "local", int(options.get("max_entries", MAX_ENTRIES)))
-    margin = float32_execution_margin(weighted_onnx_nodes(graph))
+    margin, _ = execution_margin(graph)
     n_classes = logits.shape[1]
     pair_bounds = np.zeros((n_classes, n_classes))
     radii = np.zeros(len(x))

@@ -29,6 +29,7 @@ MAX_ENTRIES = 30_000_000
 _ACTIVATIONS = O.ELEMENTWISE_ACTIVATIONS
 _LINEAR = (O.Dense, O.Conv, O.ConvTranspose, O.Scale, O.Add, O.Concat, O.Reshape, O.Transpose,
            O.Slice, O.Pad, O.AvgPool, O.GlobalAvgPool)
+UNROLLABLE = _LINEAR + _ACTIVATIONS  # the IR ops build_affine_dag accepts
 
 
 @dataclass
@@ -105,7 +106,7 @@ def _apply_linear(op: O.Op, node_shape, in_shapes, inputs: list[Affine]) -> Affi
             out = torch.func.vmap(lambda *xs, _lin=lin: evaluate.apply(_lin, *xs))(*cols)
             maps[j] = out.reshape(n_j, -1).T.contiguous()
     size = int(np.prod(node_shape))
-    return Affine({j: m for j, m in maps.items() if torch.any(m != 0)} or {}, bias.reshape(size))
+    return Affine({j: m for j, m in maps.items() if torch.any(m != 0)}, bias.reshape(size))
 
 
 def build_affine_dag(graph: Graph, method: str, max_entries: int = MAX_ENTRIES) -> AffineDag:

@@ -108,6 +108,13 @@ def weighted_onnx_nodes(graph: Graph) -> int:
     return sum(len(node.source.split("+")) for node in graph.nodes if node.op.arrays())
 
 
+def execution_margin(graph: Graph) -> tuple[float, int]:
+    """The float32 execution margin every certified bound of ``graph`` is multiplied by,
+    and the number of weighted ONNX nodes it counts (README: soundness)."""
+    n_nodes = weighted_onnx_nodes(graph)
+    return float32_execution_margin(n_nodes), n_nodes
+
+
 REGISTRY: dict[str, Estimator] = {}
 
 
@@ -141,8 +148,7 @@ def run_estimator(graph: Graph, method: str = "naive", norm: str = "2",
                        scope=estimator.scope, notes=[str(exc)])
         result.details["not_applicable"] = True
     if result.upper is not None and estimator.certificate and math.isfinite(result.upper):
-        n_nodes = weighted_onnx_nodes(graph)
-        margin = float32_execution_margin(n_nodes)
+        margin, n_nodes = execution_margin(graph)
         result.details["exact_arithmetic_bound"] = result.upper
         result.details["float32_margin"] = margin
         result.upper = mul_up(result.upper, margin)

@@ -196,9 +196,10 @@ def propose_first_order(weights, slopes, form: str, iterations: int = 1000,
     n0 = weights[0].shape[1]
     start = feasible_start(weights, slopes)
     positive = nonneg_mask(weights, slopes)
-    index = [g[0] for g in parameter_groups(weights, slopes, form)]
+    groups = parameter_groups(weights, slopes, form)
+    index = [g[0] for g in groups]
     scatter = np.zeros(len(start), dtype=np.int64)
-    for j, g in enumerate(parameter_groups(weights, slopes, form)):
+    for j, g in enumerate(groups):
         scatter[g] = j
     pos = torch.as_tensor(positive[index])
     init = np.where(positive[index], np.log(np.maximum(start[index], 1e-300)), start[index])

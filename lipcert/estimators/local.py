@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..ir import ops as O
 from ..ir.graph import Graph
-from .affine_dag import MAX_ENTRIES, AffineDag, build_affine_dag
+from .affine_dag import MAX_ENTRIES, UNROLLABLE, AffineDag, build_affine_dag
 from .base import Bound, Estimator, register
 from .local_bab import BabResult, LocalProblem, branch_and_bound
 from .region import box_from_options
@@ -57,10 +56,7 @@ class LocalEstimator(Estimator):
                "with branch-and-bound (Shi et al., NeurIPS 2022)")
     norms = ("inf",)
     scope = "box"
-    handlers = {op: None for op in (
-        O.Dense, O.Conv, O.ConvTranspose, O.Scale, O.Add, O.Concat, O.Reshape, O.Transpose,
-        O.Slice, O.Pad, O.AvgPool, O.GlobalAvgPool, O.Relu, O.LeakyRelu, O.Sigmoid, O.Tanh,
-        O.Clip)}
+    handlers = {op: None for op in UNROLLABLE}
 
     def compute(self, graph: Graph, norm: str, **options: Any) -> Bound:
         dag = build_affine_dag(graph, self.name,
@@ -74,8 +70,7 @@ class LocalEstimator(Estimator):
                              max_domains=int(options.get("max_domains", 200_000)),
                              batch=int(options.get("batch", 32)),
                              progress=options.get("progress"))
-        root = local_bound(dag, low, high, c, bab_time=0.0).upper if bab_time > 0 else \
-            result.upper
+        root = result.root
         lower = result.lower
         if options.get("center") is not None:
             center = np.clip(np.asarray(options["center"], dtype=np.float64).reshape(-1),
@@ -89,7 +84,6 @@ class LocalEstimator(Estimator):
             notes.append(f"branch-and-bound stopped ({result.stopped}) after "
                          f"{result.domains} domains in {result.elapsed:.1f} s; root bound "
                          f"{root:.6g}")
-        unstable = _unstable_count(dag, low, high)
         return Bound(method=self.name, norm=norm, upper=result.upper,
                      lower=lower if lower > 0 else None, scope="box", region=region,
                      notes=notes,
@@ -97,13 +91,6 @@ class LocalEstimator(Estimator):
                               "domains": result.domains, "leaves_checked": result.leaves_checked,
                               "leaves_pruned": result.leaves_pruned, "exact": result.exact,
                               "stopped": result.stopped, "bab_seconds": result.elapsed,
-                              "unstable_at_root": unstable,
+                              "unstable_at_root": result.unstable_at_root,
                               "lower_attained": lower if lower > 0 else None})
 
-
-def _unstable_count(dag: AffineDag, low: np.ndarray, high: np.ndarray) -> int:
-    from .clarke import forward_bounds
-
-    fwd = forward_bounds(dag, torch.as_tensor(low).reshape(1, -1),
-                         torch.as_tensor(high).reshape(1, -1))
-    return int(sum(int(r.mixed.sum()) for r in fwd.relax))

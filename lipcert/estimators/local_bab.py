@@ -55,6 +55,8 @@ class BabResult:
     exact: bool
     stopped: str
     elapsed: float
+    root: float  # the bound before any branching
+    unstable_at_root: int  # neurons whose relaxation is loose on the whole box
 
 
 class LocalProblem:
@@ -144,6 +146,7 @@ def branch_and_bound(problem: LocalProblem, *, time_budget: float, max_domains: 
                      branches[q])
         heapq.heappush(heap, (-dom.upper, next(counter), dom))
     root = [float(u) for u in upper]
+    unstable = int(sum(int(r.mixed[0].sum()) for r in fwd.relax))
     closed = -np.inf  # largest bound of a domain that cannot be split further
     lower = -np.inf
     per_query_closed = [-np.inf] * n_q
@@ -214,4 +217,4 @@ def branch_and_bound(problem: LocalProblem, *, time_budget: float, max_domains: 
     best = max(best, 0.0)
     exact = problem.piecewise_linear and lower > -np.inf and best <= lower * (1 + rtol)
     return BabResult(best, max(lower, 0.0), per_query, visited, checked, pruned, bool(exact),
-                     stopped, time.perf_counter() - start)
+                     stopped, time.perf_counter() - start, max(max(root), 0.0), unstable)
