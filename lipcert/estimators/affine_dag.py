@@ -27,9 +27,9 @@ from ..ir.graph import Graph
 MAX_ENTRIES = 30_000_000
 
 _ACTIVATIONS = O.ELEMENTWISE_ACTIVATIONS
-_LINEAR = (O.Dense, O.Conv, O.ConvTranspose, O.Scale, O.Add, O.Concat, O.Reshape, O.Transpose,
+LINEAR_OPS = (O.Dense, O.Conv, O.ConvTranspose, O.Scale, O.Add, O.Concat, O.Reshape, O.Transpose,
            O.Slice, O.Pad, O.AvgPool, O.GlobalAvgPool)
-UNROLLABLE = _LINEAR + _ACTIVATIONS  # the IR ops build_affine_dag accepts
+UNROLLABLE = LINEAR_OPS + _ACTIVATIONS  # the IR ops build_affine_dag accepts
 
 
 @dataclass
@@ -130,7 +130,7 @@ def build_affine_dag(graph: Graph, method: str, max_entries: int = MAX_ENTRIES) 
             values[node.output] = Affine({k: torch.eye(size, dtype=torch.float64)},
                                          torch.zeros(size, dtype=torch.float64))
             continue
-        if not isinstance(op, _LINEAR):
+        if not isinstance(op, LINEAR_OPS):
             raise MethodNotApplicable(
                 f"method {method} does not support op {op.kind} at node {node.source!r}")
         inputs = [values[i] for i in node.inputs]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,16 +29,15 @@ import numpy as np
 from ..errors import MethodNotApplicable
 from ..ir import ops as O
 from ..ir.graph import Graph
+from .affine_dag import LINEAR_OPS
 from .base import Bound, Estimator, register
 from .chain import DenseChain, dense_chain
-from .rounding import mul_up
+from .rounding import mul_up, sum_up
 from .sdp_certificate import U, proves_positive_definite, smallest_rho
 
 SLOPE_RESTRICTED = (O.Relu, O.LeakyRelu, O.Sigmoid, O.Tanh, O.Clip)
 MAX_NEURONS = 1024
-INTERIOR_POINT_NEURONS = 48  # Clarabel in "auto" up to this many hidden neurons
-SCS_NEURONS = 320  # SCS in "auto" for chains of >= 3 hidden layers (where first-order is
-# weak) up to this many neurons; interior-point cost grows like (n0 + N)^6
+SCS_NEURONS = 320  # SCS in "auto" up to this many hidden neurons, first-order beyond
 SCS_AUTO_SECONDS = 15.0
 
 
@@ -238,10 +238,25 @@ def propose_first_order(weights, slopes, form: str, iterations: int = 1000,
                  "solve_s": time.perf_counter() - t0}
 
 
-def _certify_fixed(weights, slopes, lam) -> tuple[float | None, str]:
+def _certify_fixed(weights, slopes, lam, tau=None) -> tuple[float | None, str]:
+    """A float-rigorous bound on the squared constant for fixed multipliers, or (None, why).
+
+    l2 (``tau`` None): the smallest rho with M(rho, T) < 0, plus a margin. linf (``tau``
+    the input weights of :func:`solve_lipsdp`): M = P(T) - s diag(tau) < 0 proves
+    |df|^2 <= s dx^T diag(tau) dx <= s sum(tau) ||dx||_inf^2 for the scalar output of the
+    last row; s* = lambda_max(D^-1/2 S D^-1/2) with S the Schur complement, and s sum(tau)
+    is returned (rounded up)."""
     n0 = weights[0].shape[1]
     p = assemble(weights, slopes, lam)
-    rho = smallest_rho(p[:n0, :n0], p[:n0, n0:], p[n0:, n0:])
+    if tau is None:
+        w = np.ones(n0)
+    else:
+        tau = np.asarray(tau, dtype=np.float64)
+        # a floor keeps D^-1/2 well conditioned; it costs <= n0 1e-6 max(tau) in sum(tau)
+        w = np.maximum(tau, 1e-6 * max(float(np.max(tau, initial=0.0)), 1e-300))
+    inv = 1.0 / np.sqrt(w)
+    rho = smallest_rho(inv[:, None] * p[:n0, :n0] * inv[None, :], inv[:, None] * p[:n0, n0:],
+                       p[n0:, n0:])
     if rho is None:
         return None, "the multipliers do not make the hidden block negative definite"
     d = p.shape[0]
@@ -250,30 +265,37 @@ def _certify_fixed(weights, slopes, lam) -> tuple[float | None, str]:
     abs_p = assemble(weights, slopes, lam, absolute=True)
     inner = max(w.shape[1] for w in weights) + 4
     formation = 4.0 * inner * U * float(np.linalg.norm(abs_p, "fro"))
+    w_max = float(np.max(w))
     for bump in (1e-9, 1e-7, 1e-5, 1e-3):
-        trial = math.nextafter(rho * (1 + bump) + bump * 1e-3 * scale, math.inf)
+        trial = math.nextafter(rho * (1 + bump) + bump * 1e-3 * scale / w_max, math.inf)
         m = p.copy()
-        m[np.arange(n0), np.arange(n0)] -= trial
-        if proves_positive_definite(-m, formation + U * trial * d):
-            return trial, f"certified with margin {bump:g}"
+        m[np.arange(n0), np.arange(n0)] -= trial * w
+        if proves_positive_definite(-m, formation + 2.0 * U * trial * w_max * d):
+            value = trial if tau is None else mul_up(trial, sum_up(w))
+            return value, f"certified with margin {bump:g}"
     return None, "the Cholesky check of -M failed at every margin"
 
 
-def certify_multipliers(weights, slopes, lam) -> tuple[float | None, str]:
-    """A float-rigorous rho for fixed multipliers, or (None, why).
+def certify_multipliers(weights, slopes, lam, tau=None) -> tuple[float | None, str]:
+    """A float-rigorous squared bound for fixed multipliers (see :func:`_certify_fixed`),
+    or (None, why).
 
     Multipliers on the boundary of feasibility (common when the hidden block has no cross
     terms, as with GroupSort) cannot be proved in floating point; then we try
     (1 - theta) T + theta T_0 with the strictly feasible :func:`feasible_start` T_0: the LMI
-    is convex in (rho, T), so the mixture is strictly feasible and its rho* is close."""
+    is convex in (rho, T), so the mixture is strictly feasible and its rho* is close (linf:
+    the input weights are mixed towards uniform ones the same way; their scale s* is
+    recomputed in any case)."""
     lam = np.asarray(lam, dtype=np.float64)
     lam = np.where(nonneg_mask(weights, slopes), np.maximum(lam, 0.0), lam)
-    rho, why = _certify_fixed(weights, slopes, lam)
+    rho, why = _certify_fixed(weights, slopes, lam, tau)
     if rho is not None:
         return rho, why
     start = feasible_start(weights, slopes)
+    flat = None if tau is None else np.full(len(tau), float(np.mean(tau)))
     for theta in (1e-9, 1e-7, 1e-5, 1e-3, 1e-1):
-        rho, _ = _certify_fixed(weights, slopes, (1 - theta) * lam + theta * start)
+        mixed_tau = None if tau is None else (1 - theta) * np.asarray(tau) + theta * flat
+        rho, _ = _certify_fixed(weights, slopes, (1 - theta) * lam + theta * start, mixed_tau)
         if rho is not None:
             return rho, f"certified after mixing {theta:g} of the feasible start in"
     return None, why
@@ -325,7 +347,8 @@ def lmi_components(weights, slopes) -> list[tuple[int, int]]:
 def lmi_expression(weights, slopes, v, groups: list[np.ndarray], rho, cp):
     """The LMI matrix M(rho, T) as a cvxpy expression, built from :func:`assemble` (the same
     code the certificate checks): M = sum_j v_j (P(e_j) - P(0)) + P(0) - rho E, P linear in
-    the multipliers; variable j sets the multiplier entries ``groups[j]``."""
+    the multipliers; variable j sets the multiplier entries ``groups[j]``. ``rho`` is a
+    scalar (l2: rho I on the input block) or a vector tau (linf: diag(tau))."""
     import scipy.sparse as sp
 
     n_lam = sum(len(g) for g in groups)
@@ -343,28 +366,40 @@ def lmi_expression(weights, slopes, v, groups: list[np.ndarray], rho, cp):
         cols.append(np.full(nz.size, j))
     jac = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
                         shape=(d * d, len(groups)))
-    e_in = np.zeros((d, d))
-    e_in[:n0, :n0] = np.eye(n0)
-    return cp.reshape(jac @ v, (d, d), order="C") + base - rho * e_in
+    lmi = cp.reshape(jac @ v, (d, d), order="C") + base
+    if rho.size == 1:
+        e_in = np.zeros((d, d))
+        e_in[:n0, :n0] = np.eye(n0)
+        return lmi - rho * e_in
+    diag = sp.csr_matrix((np.ones(n0), (np.arange(n0) * (d + 1), np.arange(n0))),
+                         shape=(d * d, n0))
+    return lmi - cp.reshape(diag @ rho, (d, d), order="C")
 
 
-def solve_lipsdp(weights, slopes, form: str, solver: str, time_limit: float):
-    """Solve the SDP; returns the multiplier vector and solver info."""
+def solve_lipsdp(weights, slopes, form: str, solver: str, time_limit: float,
+                 norm: str = "2"):
+    """Solve the SDP; returns the multiplier vector and solver info.
+
+    ``norm`` "inf" (for a single output row): minimise sum(tau) with diag(tau) in place of
+    rho I, as in the linf LipSDP of Wang et al. (ICLR 2024) and Pauli et al. (ICLR 2024,
+    Sec. 4.3); the input weights tau are returned in ``info["input_weights"]``."""
     if solver.lower() == "firstorder":
+        if norm != "2":
+            raise MethodNotApplicable("the first-order proposer is l2 only")
         return propose_first_order(weights, slopes, form, time_limit=time_limit)
     import cvxpy as cp
 
     groups = parameter_groups(weights, slopes, form)
     positive = nonneg_mask(weights, slopes)
     v = cp.Variable(len(groups))
-    rho = cp.Variable()
+    rho = cp.Variable() if norm == "2" else cp.Variable(weights[0].shape[1], nonneg=True)
     m = lmi_expression(weights, slopes, v, groups, rho, cp)
     sym = (m + m.T) / 2
     constraints = [sym[a:b, a:b] << 0 for a, b in lmi_components(weights, slopes)]
     signed = [j for j, g in enumerate(groups) if positive[g[0]]]
     if signed:
         constraints.append(v[signed] >= 0)
-    problem = cp.Problem(cp.Minimize(rho), constraints)
+    problem = cp.Problem(cp.Minimize(rho if norm == "2" else cp.sum(rho)), constraints)
     kwargs: dict[str, Any] = {}
     if solver.upper() == "CLARABEL":
         kwargs = {"time_limit": time_limit}
@@ -373,7 +408,9 @@ def solve_lipsdp(weights, slopes, form: str, solver: str, time_limit: float):
                   "max_iters": 200_000}
     start = time.perf_counter()
     try:
-        problem.solve(solver=solver.upper(), **kwargs)
+        with warnings.catch_warnings():  # "may be inaccurate": the certificate decides
+            warnings.simplefilter("ignore")
+            problem.solve(solver=solver.upper(), **kwargs)
     except Exception as exc:  # solver failure: no multipliers
         return None, {"status": f"solver error: {exc}", "solve_s": time.perf_counter() - start}
     info = {"status": problem.status, "solve_s": time.perf_counter() - start}
@@ -382,6 +419,10 @@ def solve_lipsdp(weights, slopes, form: str, solver: str, time_limit: float):
     values = np.zeros(len(positive))
     for j, idx in enumerate(groups):
         values[idx] = float(v.value[j])
+    if norm != "2":
+        if rho.value is None:
+            return None, info
+        info["input_weights"] = np.maximum(np.asarray(rho.value, dtype=np.float64), 0.0)
     return values, info
 
 
@@ -404,27 +445,28 @@ def slopes_of(chain: DenseChain) -> list:
 @register
 class LipSDPEstimator(Estimator):
     name = "lipsdp"
-    summary = ("LipSDP (Neuron/Layer forms) for chains with slope-restricted activations; "
-               "the printed bound is a float-rigorously checked certificate")
-    norms = ("2",)
-    handlers = {O.Dense: None, O.Reshape: None, O.Scale: None, O.GroupSort: None,
-                **{a: None for a in SLOPE_RESTRICTED}}
+    summary = ("LipSDP (Neuron/Layer/ECLipsE-Fast forms, slope-restricted and GroupSort "
+               "constraints, l2 and linf) for chains; every printed bound is a float-rigorously "
+               "checked certificate")
+    norms = ("2", "inf")
+    handlers = {O.GroupSort: None, **{op: None for op in (*LINEAR_OPS, *SLOPE_RESTRICTED)}}
 
     def compute(self, graph: Graph, norm: str, **options: Any) -> Bound:
-        chain = dense_chain(graph, self.name, (*SLOPE_RESTRICTED, O.GroupSort))
+        chain = dense_chain(graph, self.name, (*SLOPE_RESTRICTED, O.GroupSort),
+                            options.get("max_entries"))
         form = str(options.get("form", "neuron")).lower()
         if form not in FORMS:
             raise MethodNotApplicable(f"lipsdp form {form!r}: use {', '.join(FORMS)}")
+        if form == "eclipse-fast" and norm != "2":
+            raise MethodNotApplicable("lipsdp form eclipse-fast is l2 only; use -o form=neuron "
+                                      "for linf")
         slopes = slopes_of(chain)
         if not chain.activations:  # affine: exact
-            from .layer_norms import spectral_norm
-
-            return Bound(method=self.name, norm=norm, upper=spectral_norm(chain.weights[0]),
-                         notes=["affine model: exact spectral norm"])
+            return Bound(method=self.name, norm=norm, upper=affine_norm(chain.weights[0], norm),
+                         notes=["affine model: exact operator norm"])
         solver = str(options.get("solver", "auto")).lower()
-        if solver not in ("auto", "clarabel", "scs", "firstorder"):
-            raise MethodNotApplicable(f"lipsdp solver {solver!r}: use auto, clarabel, scs or "
-                                      "firstorder")
+        if solver not in SOLVERS:
+            raise MethodNotApplicable(f"lipsdp solver {solver!r}: use {', '.join(SOLVERS)}")
         split = int(options.get("split", 0))
         parts = split_chain(chain.weights, slopes, split)
         limit = int(options.get("max_neurons", MAX_NEURONS if form != "eclipse-fast"
@@ -437,11 +479,15 @@ class LipSDPEstimator(Estimator):
                     f"(limit {limit}); try -o split=2, -o form=eclipse-fast or -o "
                     "max_neurons=N")
         time_limit = float(options.get("time_limit", 60.0))
-        total, boundary = 1.0, 1.0
+        progress = options.get("progress")
+        total = 1.0
         details: dict[str, Any] = {"form": form, "solver": solver, "split": split,
-                                   "subchains": []}
+                                   "norm": norm, "subchains": []}
         for k, (weights, part_slopes) in enumerate(parts):
-            value, info = bound_subchain(weights, part_slopes, form, solver, time_limit)
+            if progress:
+                progress(f"sub-chain {k + 1} of {len(parts)}" if len(parts) > 1 else "")
+            value, info = bound_subchain(weights, part_slopes, form, solver, time_limit, norm,
+                                         progress)
             details["subchains"].append(info)
             if value is None:
                 notes = [f"no certificate for sub-chain {k + 1} of {len(parts)}: "
@@ -450,13 +496,15 @@ class LipSDPEstimator(Estimator):
                 return Bound(method=self.name, norm=norm, upper=None, notes=notes,
                              details=details)
             total = mul_up(total, value)
-            if k < len(parts) - 1:
+            if k < len(parts) - 1:  # the activation between two sub-chains
                 qc = slopes[sum(len(pw) for pw, _ in parts[:k + 1]) - 1]
-                boundary = 1.0 if isinstance(qc, GroupQC) else max(abs(qc[0]), abs(qc[1]))
-                total = mul_up(total, boundary)
+                total = mul_up(total, 1.0 if isinstance(qc, GroupQC)
+                               else max(abs(qc[0]), abs(qc[1])))
         if len(parts) == 1:
             details.update({key: v for key, v in details["subchains"][0].items()})
         label = "ECLipsE-Fast" if form == "eclipse-fast" else f"LipSDP-{form.capitalize()}"
+        if norm == "inf":
+            label += (" (linf: diag(tau) input weights, one SDP per output, L^2 <= s sum tau)")
         notes = [f"{label}" + (f" on {len(parts)} sub-chains of <= {split} hidden layers, "
                                "multiplied with the boundary activations' max(|alpha|, "
                                "|beta|)" if len(parts) > 1 else "")]
@@ -464,6 +512,29 @@ class LipSDPEstimator(Estimator):
         notes.append(f"multipliers proposed by {', '.join(proposers)}; every value from a "
                      "checked certificate")
         return Bound(method=self.name, norm=norm, upper=total, notes=notes, details=details)
+
+
+SOLVERS = ("auto", "clarabel", "scs", "firstorder")
+INTERIOR_POINT_SIZE = 40  # Clarabel in "auto" up to this LMI size (its cost grows like d^6)
+
+
+def affine_norm(matrix: np.ndarray, norm: str) -> float:
+    """Exact operator norm of an affine map's matrix, rounded up."""
+    from .layer_norms import max_row_abs_sum, spectral_norm
+
+    return spectral_norm(matrix) if norm == "2" else max_row_abs_sum(matrix)
+
+
+def auto_proposers(size: int, n_hidden: int, split_lmi: bool, norm: str) -> list[str]:
+    """Who proposes multipliers in ``solver=auto`` (measured, bench/results/lipsdp.txt):
+    Clarabel for a single small LMI (interior point, accurate, cost ~ size^6), SCS up to
+    :data:`SCS_NEURONS` hidden neurons (and always for a chain of small LMIs, where Clarabel
+    fails at the boundary-feasible optimum), first-order beyond (l2 only)."""
+    if size <= INTERIOR_POINT_SIZE and not split_lmi:
+        return ["clarabel"]
+    if n_hidden <= SCS_NEURONS or norm != "2":
+        return ["scs"]
+    return ["firstorder"]
 
 
 FORMS = ("neuron", "layer", "eclipse-fast")
@@ -532,18 +603,19 @@ def _eclipse_certificate(weights, slopes):
 
 
 def bound_subchain(weights: list[np.ndarray], slopes: list, form: str, solver: str,
-                   time_limit: float) -> tuple[float | None, dict[str, Any]]:
-    """Certified l2 bound of one chain (None if no certificate) and what was done."""
+                   time_limit: float, norm: str = "2",
+                   progress=None) -> tuple[float | None, dict[str, Any]]:
+    """Certified l2 or linf bound of one chain (None if no certificate) and what was done.
+
+    linf bounds each output row on its own (one SDP with input weights diag(tau) each) and
+    takes the largest; the input is not compressed there (linf is not rotation invariant)."""
     t0 = time.perf_counter()
     if not slopes:  # a single affine map (the tail of a split chain)
-        from .layer_norms import spectral_norm
-
-        return spectral_norm(weights[0]), {
+        return affine_norm(weights[0], norm), {
             "hidden_neurons": 0, "build_s": 0.0, "solve_s": 0.0,
-            "check_s": time.perf_counter() - t0, "proposers": ["svd"],
-            "solver_status": {}, "certificate": "exact spectral norm (affine)"}
+            "check_s": time.perf_counter() - t0, "proposers": ["exact"],
+            "solver_status": {}, "certificate": "exact operator norm (affine)"}
     scaled, factor = rescale(weights)
-    compressed = _compress(scaled)
     n_hidden = sum(w.shape[0] for w in weights[:-1])
     t1 = time.perf_counter()
     if form == "eclipse-fast":
@@ -554,37 +626,65 @@ def bound_subchain(weights: list[np.ndarray], slopes: list, form: str, solver: s
                 "solver_status": {"eclipse-fast": "closed form"}, "certificate": how}
         return (None if rho is None else
                 math.nextafter(math.sqrt(rho), math.inf) * factor), info
-    if solver == "auto":  # each proposal is checked; the smallest certified value wins
-        deep = len(slopes) >= 3
-        # a chain of small LMIs (GroupSort layers split M): SCS solves it in seconds;
-        # Clarabel measured failing there (boundary-feasible optimum), kept for one LMI
-        split = len(lmi_components(compressed, slopes)) > 1
-        proposers = ["firstorder"] + \
-            (["scs"] if (deep or split) and n_hidden <= SCS_NEURONS else []) + \
-            (["clarabel"] if n_hidden <= INTERIOR_POINT_NEURONS and not split else [])
+    if norm == "2":
+        rows = [(_compress(scaled), scaled)]
     else:
-        proposers = [solver]
-    rho, how, statuses, solve_s, check_s = None, "no proposal", {}, 0.0, 0.0
-    for name in proposers:
+        rows = [(r, r) for r in ([*scaled[:-1], scaled[-1][j:j + 1]]
+                                 for j in range(scaled[-1].shape[0]))]
+    size = rows[0][0][0].shape[1] + n_hidden
+    split_lmi = len(lmi_components(rows[0][0], slopes)) > 1
+    proposers = auto_proposers(size, n_hidden, split_lmi, norm) if solver == "auto" \
+        else [solver]
+    info = {"hidden_neurons": n_hidden, "lmi_size": size, "build_s": t1 - t0, "solve_s": 0.0,
+            "check_s": 0.0, "proposers": list(proposers), "solver_status": {},
+            "certificate": "no proposal"}
+    worst = 0.0
+    deadline = t0 + time_limit
+    for j, (solve_weights, check_weights) in enumerate(rows):
+        if progress and len(rows) > 1:
+            progress(f"output {j + 1} of {len(rows)}")
+        remaining = max(1.0, (deadline - time.perf_counter()) / (len(rows) - j))
+        value = _propose_and_certify(solve_weights, check_weights, slopes, form, proposers,
+                                     solver == "auto", remaining, norm, info)
+        if value is None:
+            return None, info
+        worst = max(worst, value)
+    return math.nextafter(math.sqrt(worst), math.inf) * factor, info  # factor: a power of 2
+
+
+def _propose_and_certify(solve_weights, check_weights, slopes, form: str,
+                         proposers: list[str], auto: bool, time_limit: float, norm: str,
+                         info: dict[str, Any]) -> float | None:
+    """The smallest certified squared bound over the proposers' multipliers. In auto mode
+    a proposal that could not be certified, or only after mixing in the feasible start,
+    brings in the first-order proposer as well (l2)."""
+    best = None
+    queue = list(proposers)
+    while queue:
+        name = queue.pop(0)
         ts = time.perf_counter()
-        limit = min(time_limit, SCS_AUTO_SECONDS) if solver == "auto" and name == "scs" \
-            else time_limit
-        lam, info = solve_lipsdp(compressed, slopes, form, name, limit)
+        limit = min(time_limit, SCS_AUTO_SECONDS) if auto and name == "scs" else time_limit
+        lam, sinfo = solve_lipsdp(solve_weights, slopes, form, name, limit, norm)
         tc = time.perf_counter()
-        statuses[name] = info["status"]
-        candidate, why = (None, "the solver returned no multipliers") if lam is None \
-            else certify_multipliers(scaled, slopes, lam)
-        solve_s += tc - ts
-        check_s += time.perf_counter() - tc
-        statuses[name] += f"; {why}" if candidate is None else \
-            f"; certified L = {factor * math.sqrt(candidate):.6g}"
-        if candidate is not None and (rho is None or candidate < rho):
-            rho, how = candidate, f"{why}, multipliers from {name}"
-        elif rho is None:
-            how = why
-    info = {"hidden_neurons": n_hidden, "build_s": t1 - t0, "solve_s": solve_s,
-            "check_s": check_s, "proposers": proposers, "solver_status": statuses,
-            "certificate": how}
-    if rho is None:
-        return None, info
-    return math.nextafter(math.sqrt(rho), math.inf) * factor, info  # factor: a power of two
+        status = sinfo["status"]
+        if lam is None:
+            candidate, why = None, "the solver returned no multipliers"
+        else:
+            candidate, why = certify_multipliers(check_weights, slopes, lam,
+                                                 sinfo.get("input_weights"))
+        info["solve_s"] += tc - ts
+        info["check_s"] += time.perf_counter() - tc
+        key = name if name not in info["solver_status"] else \
+            f"{name} #{len(info['solver_status'])}"
+        info["solver_status"][key] = f"{status}; {why}"
+        if candidate is not None and (best is None or candidate < best):
+            best = candidate
+            info["certificate"] = f"{why}, multipliers from {name}"
+        elif best is None:
+            info["certificate"] = why
+        clean = candidate is not None and "mixing" not in why
+        if auto and norm == "2" and not clean and "firstorder" not in proposers:
+            proposers.append("firstorder")
+            info["proposers"].append("firstorder")
+            queue.append("firstorder")
+    return best
