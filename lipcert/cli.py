@@ -161,6 +161,9 @@ def bound(model: str, method: str, norm: str, json_out: str | None, no_verify: b
 
         if method == "local":
             options.setdefault("progress", show)
+        elif method == "lipsdp":
+            options.setdefault("progress", lambda text: status.update(
+                f"lipsdp: solving {text} …" if text else "lipsdp: solving …"))
         result = run_estimator(graph, method, norm, **options)
     print_table(bounds_table(graph, [result]), to_stderr=json_out == "-")
     if json_out:

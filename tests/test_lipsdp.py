@@ -331,3 +331,35 @@ def test_eclipse_fast_is_l2_only_and_refused_by_name_for_linf():
     graph = random_mlp([3, 6, 2], O.Relu(), 0)
     result = lipcert.bound(graph, "lipsdp", "inf", form="eclipse-fast")
     assert result.upper is None and "l2 only" in result.notes[-1]
+
+
+@pytest.mark.parametrize("widths,act", [([6, 64, 3], "relu"), ([6, 32, 32, 3], "tanh"),
+                                        ([6, 24, 24, 24, 3], "sigmoid"),
+                                        ([6, 16, 16, 16, 16, 3], "relu")])
+def test_depth_two_to_five_up_to_width_64(widths, act):
+    """Checked bound between a sampled lower bound and naive, Neuron <= Layer, across the
+    proposers that solver=auto picks at these sizes."""
+    from helpers import random_mlp
+
+    from lipcert.ir import ops as O
+
+    op = {"relu": O.Relu(), "tanh": O.Tanh(), "sigmoid": O.Sigmoid()}[act]
+    graph = random_mlp(widths, op, len(widths))
+    neuron = lipcert.bound(graph, "lipsdp", "2", time_limit=20)
+    layer = lipcert.bound(graph, "lipsdp", "2", form="layer", time_limit=20)
+    assert neuron.upper is not None and layer.upper is not None, (neuron.notes, layer.notes)
+    assert sampled_gradient_lower(graph, "2", samples=64) <= neuron.upper
+    assert neuron.upper <= layer.upper * (1 + 1e-4)
+    assert layer.upper <= lipcert.bound(graph, "naive", "2").upper
+    assert "certified" in neuron.details["certificate"]
+
+
+def test_auto_uses_interior_point_for_small_lmis():
+    from helpers import random_mlp
+
+    from lipcert.ir import ops as O
+
+    small = lipcert.bound(random_mlp([3, 12, 12, 2], O.Relu(), 0), "lipsdp", "2")
+    assert small.details["proposers"] == ["clarabel"]
+    mid = lipcert.bound(random_mlp([8, 40, 20, 2], O.Relu(), 0), "lipsdp", "2")
+    assert mid.details["proposers"][0] == "scs" and mid.details["lmi_size"] == 68

@@ -404,7 +404,7 @@ def solve_lipsdp(weights, slopes, form: str, solver: str, time_limit: float,
     if solver.upper() == "CLARABEL":
         kwargs = {"time_limit": time_limit}
     elif solver.upper() == "SCS":
-        kwargs = {"time_limit_secs": time_limit, "eps_abs": 1e-7, "eps_rel": 1e-7,
+        kwargs = {"time_limit_secs": time_limit, "eps_abs": 1e-5, "eps_rel": 1e-5,
                   "max_iters": 200_000}
     start = time.perf_counter()
     try:
