@@ -148,17 +148,22 @@ def _maxmin_as_relu(weights, biases):
     return mlp_graph(new_w, new_b, O.Relu())
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_groupsort_constraints_beat_naive_and_the_relu_rewrite(seed):
-    from lipcert.ir import evaluate
-
+def _maxmin_pair(seed: int):
+    """A random 5-8-8-3 MaxMin net and the same function as a ReLU chain."""
     rng = np.random.default_rng(seed)
     sizes = [5, 8, 8, 3]
     weights = [rng.standard_normal((b, a)) / np.sqrt(a)
                for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
     biases = [rng.uniform(-0.5, 0.5, w.shape[0]) for w in weights]
-    gs, relu = _maxmin_graph(weights, biases), _maxmin_as_relu(weights, biases)
-    xs = torch.as_tensor(rng.standard_normal((20, 1, 5)))
+    return _maxmin_graph(weights, biases), _maxmin_as_relu(weights, biases)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_groupsort_constraints_beat_naive_and_the_relu_rewrite(seed):
+    from lipcert.ir import evaluate
+
+    gs, relu = _maxmin_pair(seed)
+    xs = torch.as_tensor(np.random.default_rng(seed).standard_normal((20, 1, 5)))
     assert torch.allclose(evaluate.run_batch(gs, xs), evaluate.run_batch(relu, xs), atol=1e-12)
     ours = lipcert.bound(gs, "lipsdp", "2")
     naive = lipcert.bound(gs, "naive", "2").upper
@@ -259,12 +264,7 @@ def test_linf_lipsdp_sound_for_other_slopes(act):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_linf_groupsort_constraints_beat_naive_and_the_relu_rewrite(seed):
-    rng = np.random.default_rng(seed)
-    sizes = [5, 8, 8, 3]
-    weights = [rng.standard_normal((b, a)) / np.sqrt(a)
-               for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
-    biases = [rng.uniform(-0.5, 0.5, w.shape[0]) for w in weights]
-    gs, relu = _maxmin_graph(weights, biases), _maxmin_as_relu(weights, biases)
+    gs, relu = _maxmin_pair(seed)
     ours = lipcert.bound(gs, "lipsdp", "inf")
     assert ours.upper is not None, ours.notes
     assert sampled_gradient_lower(gs, "inf") <= ours.upper
