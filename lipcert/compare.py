@@ -70,7 +70,7 @@ def compare(graph: Graph, methods: list[str], norm: str, *, options: dict[str, d
         limit = method_opts.pop("timeout", timeout)
         if estimator.scope == "box":  # exact, local: bound on the compared region
             method_opts.update(region_opts)
-        if method == "exact" and limit is not None:  # the solver stops itself (dual bound)
+        if method in ("exact", "lipsdp") and limit is not None:  # solvers stop themselves
             method_opts["time_limit"] = min(float(method_opts.get("time_limit", 60.0)),
                                             0.7 * float(limit))
         if method == "local" and limit is not None:  # branch-and-bound stops in time
