@@ -194,7 +194,12 @@ def propose_first_order(weights, slopes, form: str, iterations: int = 1000,
 
     ws = [torch.as_tensor(w, dtype=torch.float64) for w in weights]
     n0 = weights[0].shape[1]
-    if start is None:  # else: feasible multipliers to start from (e.g. ECLipsE-Fast's)
+    if start is not None:  # it must keep the hidden block negative definite, else use ours
+        start = np.where(nonneg_mask(weights, slopes), np.maximum(start, 0.0), start)
+        hidden = -assemble(weights, slopes, start)[n0:, n0:]
+        if np.linalg.eigvalsh((hidden + hidden.T) / 2)[0] <= 0:
+            start = None
+    if start is None:
         start = feasible_start(weights, slopes)
     positive = nonneg_mask(weights, slopes)
     groups = parameter_groups(weights, slopes, form)
@@ -249,13 +254,12 @@ def _certify_fixed(weights, slopes, lam, tau=None) -> tuple[float | None, str]:
     is returned (rounded up)."""
     n0 = weights[0].shape[1]
     p = assemble(weights, slopes, lam)
-    if tau is None:
-        w = np.ones(n0)
-    else:
-        tau = np.asarray(tau, dtype=np.float64)
-        # a floor keeps D^-1/2 well conditioned; it costs <= n0 1e-6 max(tau) in sum(tau)
-        w = np.maximum(tau, 1e-6 * max(float(np.max(tau, initial=0.0)), 1e-300))
-    inv = 1.0 / np.sqrt(w)
+    tau = None if tau is None else np.asarray(tau, dtype=np.float64)
+    if tau is None or not np.max(tau, initial=0.0) > 0:
+        in_w = np.ones(n0)
+    else:  # a floor keeps D^-1/2 well conditioned; it costs <= n0 1e-6 max(tau) in sum(tau)
+        in_w = np.maximum(tau, 1e-6 * float(np.max(tau)))
+    inv = 1.0 / np.sqrt(in_w)
     rho = smallest_rho(inv[:, None] * p[:n0, :n0] * inv[None, :], inv[:, None] * p[:n0, n0:],
                        p[n0:, n0:])
     if rho is None:
@@ -266,13 +270,13 @@ def _certify_fixed(weights, slopes, lam, tau=None) -> tuple[float | None, str]:
     abs_p = assemble(weights, slopes, lam, absolute=True)
     inner = max(w.shape[1] for w in weights) + 4
     formation = 4.0 * inner * U * float(np.linalg.norm(abs_p, "fro"))
-    w_max = float(np.max(w))
+    w_max = float(np.max(in_w))
     for bump in (1e-9, 1e-7, 1e-5, 1e-3):
         trial = math.nextafter(rho * (1 + bump) + bump * 1e-3 * scale / w_max, math.inf)
         m = p.copy()
-        m[np.arange(n0), np.arange(n0)] -= trial * w
+        m[np.arange(n0), np.arange(n0)] -= trial * in_w
         if proves_positive_definite(-m, formation + 2.0 * U * trial * w_max * d):
-            value = trial if tau is None else mul_up(trial, sum_up(w))
+            value = trial if tau is None else mul_up(trial, sum_up(in_w))
             return value, f"certified with margin {bump:g}"
     return None, "the Cholesky check of -M failed at every margin"
 
