@@ -112,6 +112,9 @@ def test_compare_on_shared_models_never_crashes(name):
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout[result.stdout.index("{"):])
     lower = payload["lower_bound"]["lower"]
+    if lower is None:  # the sampled lower bound may time out at 10 s on a loaded machine
+        assert payload["lower_bound"]["details"].get("timed_out"), payload["lower_bound"]
+        return
     for row in payload["results"]:
         if row["upper"] is not None and row["sound"]:
             assert row["upper"] >= lower

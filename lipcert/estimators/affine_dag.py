@@ -30,6 +30,7 @@ _ACTIVATIONS = O.ELEMENTWISE_ACTIVATIONS
 LINEAR_OPS = (O.Dense, O.Conv, O.ConvTranspose, O.Scale, O.Add, O.Concat, O.Reshape, O.Transpose,
            O.Slice, O.Pad, O.AvgPool, O.GlobalAvgPool)
 UNROLLABLE = LINEAR_OPS + _ACTIVATIONS  # the IR ops build_affine_dag accepts
+CHAIN_LINEAR_OPS = tuple(op for op in LINEAR_OPS if op not in (O.Add, O.Concat))  # 1 input
 
 
 @dataclass

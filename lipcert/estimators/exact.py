@@ -28,7 +28,7 @@ from scipy.sparse import lil_matrix
 from ..errors import MethodNotApplicable
 from ..ir import ops as O
 from ..ir.graph import Graph
-from .affine_dag import LINEAR_OPS
+from .affine_dag import CHAIN_LINEAR_OPS
 from .base import Bound, Estimator, register
 from .chain import dense_chain
 from .region import box_from_options
@@ -229,7 +229,7 @@ class ExactEstimator(Estimator):
     norms = ("inf",)
     scope = "box"
     certificate = False
-    handlers = {O.Relu: None, **{op: None for op in LINEAR_OPS}}
+    handlers = {O.Relu: None, **{op: None for op in CHAIN_LINEAR_OPS}}
 
     def compute(self, graph: Graph, norm: str, **options: Any) -> Bound:
         layers = relu_chain(graph)

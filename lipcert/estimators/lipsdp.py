@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import MethodNotApplicable
 from ..ir import ops as O
 from ..ir.graph import Graph
-from .affine_dag import LINEAR_OPS
+from .affine_dag import CHAIN_LINEAR_OPS
 from .base import Bound, Estimator, register
 from .chain import DenseChain, dense_chain
 from .rounding import mul_up, sum_up
@@ -454,7 +454,7 @@ class LipSDPEstimator(Estimator):
                "constraints, l2 and linf) for chains; every printed bound is a float-rigorously "
                "checked certificate")
     norms = ("2", "inf")
-    handlers = {O.GroupSort: None, **{op: None for op in (*LINEAR_OPS, *SLOPE_RESTRICTED)}}
+    handlers = {O.GroupSort: None, **{op: None for op in (*CHAIN_LINEAR_OPS, *SLOPE_RESTRICTED)}}
 
     def compute(self, graph: Graph, norm: str, **options: Any) -> Bound:
         chain = dense_chain(graph, self.name, (*SLOPE_RESTRICTED, O.GroupSort),
