@@ -542,18 +542,15 @@ def auto_proposers(size: int, n_hidden: int, split_lmi: bool, norm: str,
     """Who proposes multipliers in ``solver=auto`` (measured, bench/results/lipsdp.txt):
     Clarabel for a single small LMI (interior point, accurate, cost ~ size^6), SCS up to
     :data:`SCS_NEURONS` hidden neurons (and always for a chain of small LMIs, where Clarabel
-    fails at the boundary-feasible optimum), polished by the first-order method on chains of
-    3 or more hidden layers (ACAS Xu: SCS alone 5.1e6, polished 1.2e5, both certified);
-    beyond (l2 only), ECLipsE-Fast's certified
+    fails at the boundary-feasible optimum); beyond (l2 only), ECLipsE-Fast's certified
     multipliers where its slopes allow, then the first-order method started from them (on
     deep chains first-order alone was measured 2-3x worse than SCS)."""
-    n_layers = len(slopes)
     if size <= INTERIOR_POINT_SIZE and not split_lmi:
         return ["clarabel"]
     if norm != "2":
         return ["scs"]
-    if n_hidden <= SCS_NEURONS:  # deep chains: first-order polishes SCS's point
-        return ["scs", "firstorder"] if n_layers >= 3 else ["scs"]
+    if n_hidden <= SCS_NEURONS:
+        return ["scs"]
     return ["eclipse-fast", "firstorder"] if eclipse_applies(slopes) else ["firstorder"]
 
 
@@ -684,10 +681,11 @@ def _propose_and_certify(solve_weights, check_weights, slopes, form: str,
                          info: dict[str, Any]) -> float | None:
     """The smallest certified squared bound over the proposers' multipliers. In auto mode
     a proposal that could not be certified, or only after mixing in the feasible start,
-    brings in the first-order proposer as well (l2). The first-order method starts from
-    the best certified multipliers so far, or ECLipsE-Fast's where they apply (it only ever
-    keeps improvements): from the generic feasible start it was measured above naive on an
-    8-80x6-4 ReLU net (240 against naive 146; from ECLipsE-Fast's 24.6 it reaches 18.7)."""
+    brings in the first-order proposer as well (l2). The first-order method starts from the
+    best certified (possibly repaired) multipliers so far, or ECLipsE-Fast's where they
+    apply, and only ever keeps improvements. Measured: ACAS Xu, SCS's repaired point
+    certifies 5.1e6, first-order from it 1.2e5; 8-80x6-4 ReLU net, first-order from the
+    generic feasible start 240 (naive 146), from ECLipsE-Fast's 24.6 it reaches 18.7."""
     best, best_lam = None, None
     queue = list(proposers)
     deadline = time.perf_counter() + time_limit  # shared by the proposers
