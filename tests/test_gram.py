@@ -48,17 +48,21 @@ def _make_conv(case):
     return O.Conv(w, None, (case["stride"],) * 2, pads, (d, d), g), (1, c_in, case["n"], case["n"])
 
 
-def _valid(op, shape):
+def _usable_case(case, max_size: int):
+    """(op, shape) of a drawn conv case, or None when the kernel does not fit the padded
+    input or the unrolled operator would exceed ``max_size`` inputs."""
+    op, shape = _make_conv(case)
     k_eff = (op.weight.shape[2] - 1) * op.dilation[0] + 1
-    return min(shape[2] + op.pads[0] + op.pads[2], shape[3] + op.pads[1] + op.pads[3]) >= k_eff
+    fits = min(shape[2] + op.pads[0] + op.pads[2], shape[3] + op.pads[1] + op.pads[3]) >= k_eff
+    return (op, shape) if fits and np.prod(shape) <= max_size else None
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=conv_cases)
 def test_conv_bound_sound_and_within_one_percent(case):
-    op, shape = _make_conv(case)
-    if not _valid(op, shape) or np.prod(shape) > 1024:
+    if (usable := _usable_case(case, 1024)) is None:
         return
+    op, shape = usable
     exact = _exact(op, shape)
     value, best, cands = _bound(op, shape)
     assert value >= exact * (1 - 1e-12), (best, cands)
@@ -70,9 +74,9 @@ def test_conv_bound_sound_and_within_one_percent(case):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=conv_cases)
 def test_gram_circular_candidate_is_sound(case):
-    op, shape = _make_conv(case)
-    if not _valid(op, shape) or np.prod(shape) > 2048:
+    if (usable := _usable_case(case, 2048)) is None:
         return
+    op, shape = usable
     gram = G.conv_gram_bound(op.weight, shape[2:], op.stride, op.pads, op.dilation, op.groups)
     assert gram >= _exact(op, shape) * (1 - 1e-12)
 

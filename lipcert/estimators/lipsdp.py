@@ -642,14 +642,6 @@ def bound_subchain(weights: list[np.ndarray], slopes: list, form: str, solver: s
     scaled, factor = rescale(weights)
     n_hidden = sum(w.shape[0] for w in weights[:-1])
     t1 = time.perf_counter()
-    if form == "eclipse-fast":
-        rho, how, _ = _eclipse_certificate(scaled, slopes)
-        t2 = time.perf_counter()
-        info = {"hidden_neurons": n_hidden, "build_s": t1 - t0, "solve_s": 0.0,
-                "check_s": t2 - t1, "proposers": ["eclipse-fast"],
-                "solver_status": {"eclipse-fast": "closed form"}, "certificate": how}
-        return (None if rho is None else
-                math.nextafter(math.sqrt(rho), math.inf) * factor), info
     if norm == "2":
         rows = [(_compress(scaled), scaled)]
     else:
@@ -657,8 +649,9 @@ def bound_subchain(weights: list[np.ndarray], slopes: list, form: str, solver: s
                                  for j in range(scaled[-1].shape[0]))]
     size = rows[0][0][0].shape[1] + n_hidden
     split_lmi = len(lmi_components(rows[0][0], slopes)) > 1
-    proposers = auto_proposers(size, n_hidden, split_lmi, norm, slopes) \
-        if solver == "auto" else [solver]
+    auto = solver == "auto" and form != "eclipse-fast"
+    proposers = ["eclipse-fast"] if form == "eclipse-fast" else \
+        auto_proposers(size, n_hidden, split_lmi, norm, slopes) if auto else [solver]
     info = {"hidden_neurons": n_hidden, "lmi_size": size, "build_s": t1 - t0, "solve_s": 0.0,
             "check_s": 0.0, "proposers": list(proposers), "solver_status": {},
             "certificate": "no proposal"}
@@ -669,7 +662,7 @@ def bound_subchain(weights: list[np.ndarray], slopes: list, form: str, solver: s
             progress(f"output {j + 1} of {len(rows)}")
         remaining = max(1.0, (deadline - time.perf_counter()) / (len(rows) - j))
         value = _propose_and_certify(solve_weights, check_weights, slopes, form, proposers,
-                                     solver == "auto", remaining, norm, info)
+                                     auto, remaining, norm, info)
         if value is None:
             return None, info
         worst = max(worst, value)
@@ -694,9 +687,9 @@ def _propose_and_certify(solve_weights, check_weights, slopes, form: str,
         ts = time.perf_counter()
         limit = max(1.0, deadline - ts)
         limit = min(limit, SCS_AUTO_SECONDS) if auto and name == "scs" else limit
-        if name == "eclipse-fast":  # closed form, certified inside (golden search)
+        if name == "eclipse-fast":  # closed form; its golden search is all checking
             candidate, why, lam = _eclipse_certificate(check_weights, slopes)
-            status, tc = "closed form", time.perf_counter()
+            status, tc = "closed form", ts
         else:
             start = best_lam if name == "firstorder" else None
             if name == "firstorder" and start is None and norm == "2" and \
