@@ -3,17 +3,21 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
 from .errors import LipcertError
 
 NORM = click.Choice(["2", "inf"], case_sensitive=False)
+SELF_CHECK_HELP = ("skip the soundness self-check (sampled lower bound against every printed "
+                   "upper bound; attacks on certified samples); the result says so")
 _err = Console(stderr=True, soft_wrap=True)
 
 
@@ -24,7 +28,8 @@ class LipcertGroup(click.Group):
         try:
             return super().invoke(ctx)
         except LipcertError as exc:
-            _err.print(f"[bold red]lipcert: error:[/bold red] {exc}", highlight=False)
+            _err.print(f"[bold red]lipcert: error:[/bold red] {escape(str(exc))}",
+                       highlight=False)
             sys.exit(exc.exit_code)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
@@ -38,8 +43,8 @@ class LipcertGroup(click.Group):
             if os.environ.get("LIPCERT_DEBUG"):
                 raise
             _err.print(f"[bold red]lipcert: internal error:[/bold red] {type(exc).__name__}: "
-                       f"{exc} (set LIPCERT_DEBUG=1 for a traceback; please report it)",
-                       highlight=False)
+                       f"{escape(str(exc))} (set LIPCERT_DEBUG=1 for a traceback; please "
+                       "report it)", highlight=False)
             sys.exit(3)
 
 
@@ -90,7 +95,7 @@ def _region(input_path: str | None, index: int | None, eps: float | None,
     """The input region of local methods: a point with --eps, and/or a --domain range."""
     from .config import load_point
     from .errors import InputError
-    from .estimators.region import parse_domain
+    from .estimators.region import parse_domain, parse_eps
 
     region: dict = {}
     if domain:
@@ -98,9 +103,7 @@ def _region(input_path: str | None, index: int | None, eps: float | None,
     if input_path is not None or eps is not None:
         if input_path is None or eps is None:
             raise InputError("a local box needs both --input and --eps")
-        if eps < 0:
-            raise InputError("--eps must be >= 0")
-        region.update(center=load_point(input_path, index).reshape(-1), eps=float(eps))
+        region.update(center=load_point(input_path, index).reshape(-1), eps=parse_eps(eps))
     return region
 
 
@@ -113,6 +116,21 @@ def _check_region(graph, region: dict) -> None:
     if "center" in region and region["center"].size != n_inputs:
         raise InputError(f"--input has {region['center'].size} values; the model takes "
                          f"{graph.input_shape}")
+
+
+def _check_method_settings(names: list[str], settings: dict) -> None:
+    """Refuse unknown methods and bad settings before any work (exit 2, naming the key)."""
+    from .errors import InputError
+    from .estimators import get_estimator
+
+    if not isinstance(settings, dict):
+        raise InputError("[methods] must be a table of [methods.NAME] tables")
+    for name in sorted(set(names) | set(settings)):
+        estimator = get_estimator(name)
+        table = settings.get(name, {})
+        if not isinstance(table, dict):
+            raise InputError(f"[methods.{name}] must be a table of settings")
+        estimator.parse_settings({k: v for k, v in table.items() if k != "timeout"})
 
 
 def _load(model: str, no_verify: bool):
@@ -140,31 +158,27 @@ def _load(model: str, no_verify: bool):
 @click.option("--domain", help="input range LOW,HIGH: clips the box (e.g. 0,1 for images)")
 @click.option("--option", "-o", "raw_options", multiple=True, metavar="KEY=VALUE",
               help="method setting, e.g. -o iterations=12 (repeatable)")
+@click.option("--no-self-check", is_flag=True, help=SELF_CHECK_HELP)
 def bound(model: str, method: str, norm: str, json_out: str | None, no_verify: bool,
           device: str, input_path: str | None, index: int | None, eps: float | None,
-          domain: str | None, raw_options: tuple[str, ...]) -> None:
+          domain: str | None, raw_options: tuple[str, ...], no_self_check: bool) -> None:
     """Print one certified upper bound on MODEL's Lipschitz constant (on a box with
     --input/--eps for local methods)."""
-    from .errors import MethodNotApplicable
-    from .estimators import run_estimator
+    from .errors import InternalCheckFailed, MethodNotApplicable
+    from .estimators import get_estimator, run_estimator
     from .report import bounds_payload, bounds_table, print_table, write_json
 
     options = {"device": _check_device(device), **_region(input_path, index, eps, domain),
                **parse_options(raw_options)}
+    get_estimator(method).parse_settings(options)
     graph = _load(model, no_verify)
     _check_region(graph, options)
     with _err.status(f"bounding with {method} …") as status:
-        def show(info: dict) -> None:
-            status.update(f"{method}: branch-and-bound {info['elapsed']:.0f} s, "
-                          f"{info['domains']:,} domains ({info['open']:,} open), "
-                          f"bound {info['upper']:.6g}")
-
-        if method == "local":
-            options.setdefault("progress", show)
-        elif method == "lipsdp":
-            options.setdefault("progress", lambda text: status.update(
-                f"lipsdp: solving {text} …" if text else "lipsdp: solving …"))
-        result = run_estimator(graph, method, norm, **options)
+        options.setdefault("progress", lambda text: status.update(
+            f"{method}: {text} …" if text else f"{method}: working …"))
+        result = run_estimator(graph, method, norm, self_check=not no_self_check, **options)
+    if result.internal_error:  # print no table with a number-shaped hole: say why, exit 3
+        raise InternalCheckFailed(result.notes[-1])
     print_table(bounds_table(graph, [result]), to_stderr=json_out == "-")
     if json_out:
         write_json(bounds_payload(graph, [result]), json_out)
@@ -191,8 +205,10 @@ def bound(model: str, method: str, norm: str, json_out: str | None, no_verify: b
 @click.option("--device", help="torch device for methods that use one  [default: cpu]")
 @click.option("--option", "-o", "raw_options", multiple=True, metavar="KEY=VALUE",
               help="method setting (repeatable)")
+@click.option("--no-self-check", is_flag=True, help=SELF_CHECK_HELP)
 def certify(model, data, labels, eps, norm, method, gate, report_eps, json_out, junit,
-            junit_per_sample, config_path, no_verify, device, raw_options) -> None:
+            junit_per_sample, config_path, no_verify, device, raw_options,
+            no_self_check) -> None:
     """Certified radius per sample and certified accuracy; a CI gate (exit 1 below it)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
@@ -200,6 +216,7 @@ def certify(model, data, labels, eps, norm, method, gate, report_eps, json_out, 
     from .config import method_options, read_config
     from .errors import InputError
     from .estimators import parse_norm
+    from .estimators.region import parse_eps
     from .report import certify_payload, certify_table, print_table, write_json, write_junit
 
     full_cfg = read_config(config_path)
@@ -222,7 +239,7 @@ def certify(model, data, labels, eps, norm, method, gate, report_eps, json_out, 
     if gate is not None and not 0.0 <= float(gate) <= 1.0:
         raise InputError(f"--min-certified-accuracy {gate}: give a fraction in [0, 1], "
                          "e.g. 0.8")
-    eps = float(eps)
+    eps = parse_eps(eps)
     if report_eps:
         try:
             eps_list = sorted({float(e) for e in str(report_eps).split(",") if e.strip()})
@@ -233,6 +250,10 @@ def certify(model, data, labels, eps, norm, method, gate, report_eps, json_out, 
     else:
         eps_list = sorted({eps * k for k in (0.25, 0.5, 1.0, 2.0, 4.0)} | {0.0})
     eps_list = sorted(set(eps_list) | {eps})
+    if not all(math.isfinite(e) and e >= 0 for e in eps_list):
+        raise InputError(f"--report-eps {report_eps or cfg.get('report_eps')}: give finite "
+                         "radii >= 0")
+    C._check_method(method, norm).parse_settings(options)
     x, y = C.load_data(data, labels)
     graph = _load(model, no_verify)
     with Progress("[progress.description]{task.description}", BarColumn(),
@@ -244,7 +265,7 @@ def certify(model, data, labels, eps, norm, method, gate, report_eps, json_out, 
             progress.update(task, completed=done, total=total)
 
         cert = C.certify(graph, x, y, eps=eps, method=method, norm=norm, options=options,
-                         progress=tick)
+                         progress=tick, self_check=not no_self_check)
     summary = cert.summary(eps_list)
     print_table(certify_table(graph, cert, summary, gate), to_stderr=json_out == "-")
     if json_out:
@@ -272,8 +293,9 @@ def certify(model, data, labels, eps, norm, method, gate, report_eps, json_out, 
 @click.option("--config", "config_path", help="TOML file: [compare] and [methods.NAME]")
 @click.option("--no-verify", is_flag=True, help="skip the onnxruntime fidelity check")
 @click.option("--device", default="cpu", show_default=True, help="torch device (gram)")
+@click.option("--no-self-check", is_flag=True, help=SELF_CHECK_HELP)
 def compare(model, methods, norm, input_path, index, eps, domain, timeout, json_out, markdown,
-            plot, config_path, no_verify, device) -> None:
+            plot, config_path, no_verify, device, no_self_check) -> None:
     """Every method side by side with a lower bound, the tightness ratio and the time."""
     from . import compare as CMP
     from .config import read_config
@@ -293,6 +315,7 @@ def compare(model, methods, norm, input_path, index, eps, domain, timeout, json_
                                                                  CMP.DEFAULT_METHODS))
     names = [m.strip() for m in names if m.strip()]
     norm = parse_norm(norm or section.get("norm", "2"))
+    _check_method_settings(names, cfg.get("methods", {}))
     timeout = float(timeout if timeout is not None else section.get("timeout", 120.0))
     region = _region(input_path, index, eps, domain)
     options = {name: {**cfg.get("methods", {}).get(name, {})} for name in [*names, "lower"]}
@@ -304,7 +327,8 @@ def compare(model, methods, norm, input_path, index, eps, domain, timeout, json_
     with _err.status("comparing …") as status:
         results, lower = CMP.compare(
             graph, names, norm, options=options, timeout=timeout, region=region,
-            progress=lambda m: status.update(f"running {m} …"))
+            progress=lambda m: status.update(f"running {m} …"),
+            self_check=not no_self_check)
     rows = CMP.compare_payload_rows(results, lower)
     print_table(compare_table(graph, rows, lower), to_stderr="-" in (json_out, markdown))
     if json_out:
@@ -323,6 +347,11 @@ def compare(model, methods, norm, input_path, index, eps, domain, timeout, json_
             Path(markdown).write_text(text)
     if plot:
         compare_plot(graph, rows, lower, plot)
+    failed = [r for r in results if r.internal_error]
+    if failed:
+        from .errors import InternalCheckFailed
+
+        raise InternalCheckFailed(f"method {failed[0].method}: {failed[0].notes[-1]}")
 
 
 @cli.command()
@@ -345,13 +374,18 @@ def methods() -> None:
     from .onnx_import import supported_op_types
 
     load_all()
+    from .estimators.settings import describe
+
     table = Table(title="lipcert methods")
-    for col in ("method", "norms", "scope", "certificate", "IR ops", "what it computes"):
+    for col in ("method", "norms", "scope", "certificate", "IR ops", "settings (-o KEY=VALUE)",
+                "what it computes"):
         table.add_column(col, overflow="fold")
     for name, est in sorted(REGISTRY.items()):
+        settings = ", ".join(f"{row['name']}={row['default']}" if row["default"] is not None
+                             else row["name"] for row in describe(est.settings)) or "-"
         table.add_row(name, ", ".join(f"l{n}" for n in est.norms), est.scope,
                       "yes" if est.certificate else "no (estimate)",
-                      ", ".join(est.supported_ops()), est.summary)
+                      ", ".join(est.supported_ops()), settings, est.summary)
     Console().print(table)
     click.echo("ONNX ops the importer reads: " + ", ".join(supported_op_types()))
 

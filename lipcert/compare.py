@@ -51,7 +51,8 @@ def run_with_timeout(graph: Graph, method: str, norm: str, options: dict,
 
 def compare(graph: Graph, methods: list[str], norm: str, *, options: dict[str, dict],
             timeout: float | None, region: dict | None = None,
-            progress: Callable[[str], None] | None = None) -> tuple[list[Bound], Bound]:
+            progress: Callable[[str], None] | None = None,
+            self_check: bool = True) -> tuple[list[Bound], Bound]:
     """Bounds of every method plus the lower bound (computed first, within the region)."""
     region_opts = dict(region or {})
     lower = run_with_timeout(graph, "lower", norm, {**options.get("lower", {}), **region_opts},
@@ -68,14 +69,13 @@ def compare(graph: Graph, methods: list[str], norm: str, *, options: dict[str, d
             continue
         method_opts = {**options.get(method, {})}
         limit = method_opts.pop("timeout", timeout)
-        if estimator.scope == "box":  # exact, local: bound on the compared region
+        if estimator.accepts_region:  # box-scoped methods bound the compared region
             method_opts.update(region_opts)
-        if method in ("exact", "lipsdp") and limit is not None:  # solvers stop themselves
-            method_opts["time_limit"] = min(float(method_opts.get("time_limit", 60.0)),
-                                            0.7 * float(limit))
-        if method == "local" and limit is not None:  # branch-and-bound stops in time
-            method_opts["bab_time"] = min(float(method_opts.get("bab_time", 10.0)),
-                                          0.5 * float(limit))
+        if estimator.deadline is not None and limit is not None:  # stop by itself in time
+            key, share = estimator.deadline
+            chosen = estimator.parse_settings(method_opts)
+            method_opts[key] = min(float(getattr(chosen, key)), share * float(limit))
+        method_opts["self_check"] = self_check
         results.append(run_with_timeout(graph, method, norm, method_opts, limit))
     return results, lower
 

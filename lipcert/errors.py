@@ -55,3 +55,11 @@ class UnsupportedOpsError(LipcertError):
 
 class MethodNotApplicable(LipcertError):
     """A bounding method cannot handle this graph, norm or size; says which node and why."""
+
+
+class InternalCheckFailed(LipcertError):
+    """A value on the way to a printed number failed a soundness check (NaN, negative, or an
+    upper bound below a sampled lower bound). No number is printed; this is a bug in lipcert
+    or in a solver it relies on, and should be reported."""
+
+    exit_code = 3

@@ -14,6 +14,7 @@ Used by the ``local`` estimator and by LipSDP for conv layers.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -145,3 +146,18 @@ def build_affine_dag(graph: Graph, method: str, max_entries: int = MAX_ENTRIES) 
                                             [graph.shape_of(i) for i in node.inputs], inputs)
         total += values[node.output].entries
     return AffineDag(sizes, acts, pre, values[graph.output], sources)
+
+
+_DAG_CACHE: list[tuple[weakref.ref, str, int, AffineDag]] = []
+
+
+def cached_affine_dag(graph: Graph, method: str, max_entries: int = MAX_ENTRIES) -> AffineDag:
+    """:func:`build_affine_dag`, remembered for the last few graphs (certification bounds the
+    same graph on every sample's box). Graphs are immutable, so the unrolled DAG stays valid."""
+    for ref, m, limit, dag in _DAG_CACHE:
+        if ref() is graph and m == method and limit == max_entries:
+            return dag
+    dag = build_affine_dag(graph, method, max_entries)
+    _DAG_CACHE.insert(0, (weakref.ref(graph), method, max_entries, dag))
+    del _DAG_CACHE[4:]
+    return dag

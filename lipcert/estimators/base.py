@@ -12,9 +12,11 @@ import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
-from ..errors import InputError, MethodNotApplicable
+from ..errors import InputError, InternalCheckFailed, MethodNotApplicable
 from ..ir.graph import Graph, Node
+from ..soundness import checked
 from .rounding import float32_execution_margin, mul_up
+from .settings import NoSettings, merged_options, parse_settings
 
 NORMS = ("2", "inf")
 
@@ -47,6 +49,13 @@ class Bound:
     notes: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
     region: dict[str, Any] | None = None
+    #: box-scoped methods given ``queries`` (rows c_q): a certified bound per functional c_q^T f
+    per_query: list[float] | None = None
+
+    @property
+    def internal_error(self) -> bool:
+        """True when a soundness check stopped the method (exit 3 in the CLI)."""
+        return bool(self.details.get("internal_error"))
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -63,6 +72,25 @@ class Estimator:
     scope: ClassVar[str] = "global"
     certificate: ClassVar[bool] = True  # False: the value is an estimate, not a bound
     handlers: ClassVar[dict[type, Any]] = {}
+    #: the frozen dataclass of the method's settings (names, types, defaults, bounds)
+    settings: ClassVar[type] = NoSettings
+    #: (setting, share): a setting that makes the method stop by itself, and the share of a
+    #: caller's time limit it may take (compare sets it so that a method ends in time)
+    deadline: ClassVar[tuple[str, float] | None] = None
+    #: settings that differ when the method certifies samples (one run per sample)
+    certify_defaults: ClassVar[dict[str, Any]] = {}
+
+    @property
+    def accepts_region(self) -> bool:
+        """Box-scoped methods bound the region given by center/eps/domain."""
+        return self.scope == "box"
+
+    def parse_settings(self, options: dict[str, Any]) -> Any:
+        """The method's settings from ``options``; unknown keys and bad values: InputError."""
+        return parse_settings(self.name, self.settings, options)
+
+    def default(self, name: str) -> Any:
+        return getattr(self.settings(), name)
 
     def supported_ops(self) -> list[str]:
         return sorted(op.__name__ for op in self.handlers)
@@ -134,26 +162,70 @@ def get_estimator(name: str) -> Estimator:
                          f"{', '.join(sorted(REGISTRY))}") from None
 
 
-def run_estimator(graph: Graph, method: str = "naive", norm: str = "2",
-                  **options: Any) -> Bound:
-    """Run one method, timing it; a method that does not apply returns upper=None and why."""
+def run_estimator(graph: Graph, method: str = "naive", norm: str = "2", *,
+                  self_check: bool = True, **options: Any) -> Bound:
+    """Run one method, timing it; a method that does not apply returns upper=None and why.
+
+    Every certified value leaves through here: it must be a number >= 0 (NaN fails), it is
+    multiplied by the float32 execution margin, and (unless ``self_check`` is False) it is
+    compared with a quick sampled lower bound of the same quantity on the same region. A
+    failed check gives upper=None, ``details["internal_error"]`` and the reason in the notes.
+    """
     norm = parse_norm(norm)
     estimator = get_estimator(method)
     start = time.perf_counter()
+    options = merged_options(estimator.parse_settings(options), options)
     try:
         estimator.check(graph, norm)
         result = estimator.compute(graph, norm, **options)
+        _finish(graph, estimator, norm, result, options, self_check)
     except MethodNotApplicable as exc:
         result = Bound(method=method, norm=norm, upper=None, sound=estimator.certificate,
                        scope=estimator.scope, notes=[str(exc)])
         result.details["not_applicable"] = True
-    if result.upper is not None and estimator.certificate and math.isfinite(result.upper):
-        margin, n_nodes = execution_margin(graph)
-        result.details["exact_arithmetic_bound"] = result.upper
-        result.details["float32_margin"] = margin
-        result.upper = mul_up(result.upper, margin)
-        result.notes.append(f"includes a float32 execution margin x{margin:.8f} "
-                            f"({n_nodes} weighted ONNX nodes; README: soundness)")
+    except InternalCheckFailed as exc:
+        result = Bound(method=method, norm=norm, upper=None, sound=estimator.certificate,
+                       scope=estimator.scope, notes=[str(exc)])
+        result.details["internal_error"] = True
     result.time_s = time.perf_counter() - start
     result.notes = list(graph.notes) + [n for n in result.notes if n not in graph.notes]
     return result
+
+
+def _finish(graph: Graph, estimator: Estimator, norm: str, result: Bound, options: dict,
+            self_check: bool) -> None:
+    """Checks, the execution margin (the one place it is applied) and the self-check."""
+    if result.upper is None:
+        return
+    what = f"the {estimator.name} bound"
+    exact = checked(result.upper, what)
+    per_query = None if result.per_query is None else [
+        checked(v, f"{what} of query {q}") for q, v in enumerate(result.per_query)]
+    if not math.isfinite(exact):
+        result.upper = math.inf
+        return
+    if estimator.certificate:  # a reference value (exact) is shown as computed
+        margin, n_nodes = execution_margin(graph)
+        result.details["exact_arithmetic_bound"] = exact
+        result.details["float32_margin"] = margin
+        result.upper = mul_up(exact, margin)
+        if per_query is not None:
+            result.per_query = [mul_up(v, margin) for v in per_query]
+        result.notes.append(f"includes a float32 execution margin x{margin:.8f} "
+                            f"({n_nodes} weighted ONNX nodes; README: soundness)")
+    if not self_check:
+        result.notes.append("soundness self-check skipped (--no-self-check)")
+        return
+    box, queries = None, None
+    if estimator.scope == "box":
+        from .region import box_from_options
+
+        low, high, _ = box_from_options(options, int(math.prod(graph.input_shape)))
+        box = (low, high)
+        queries = options.get("queries")
+    from ..selfcheck import check_upper
+
+    per_item = per_query if queries is not None and per_query is not None else [exact]
+    result.details["self_check"] = check_upper(
+        graph, estimator.name, norm, per_item, certificate=estimator.certificate, box=box,
+        queries=queries if per_item is per_query else None)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..soundness import checked_array, poison
 from .affine_dag import Affine, AffineDag
 from .relaxations import SLACK, Relaxation, relax, widen
 
@@ -134,6 +135,8 @@ def forward_bounds(dag: AffineDag, xl: torch.Tensor, xu: torch.Tensor,
         tol = INFEASIBLE_TOL * (1 + torch.maximum(zl.abs(), zu.abs()))
         infeasible |= (gap > tol).any(-1)
         zl, zu = torch.minimum(zl, zu), torch.maximum(zl, zu)  # rounding-level overlaps
+        checked_array(zl, f"the lower pre-activation bounds of activation {k}")
+        checked_array(zu, f"the upper pre-activation bounds of activation {k}")
         r = relax(dag.acts[k - 1], zl, zu, split)
         zls.append(zl)
         zus.append(zu)
@@ -233,6 +236,9 @@ def jacobian_bound(dag: AffineDag, fwd: ForwardBounds, c: torch.Tensor,
         tl, tu = adj.bounds(m)
         adj.relax_product(m, tl, tu)
     gl, gu = adj.bounds(0)
+    gl, gu = poison("local.jacobian", gl), poison("local.jacobian", gu)
+    checked_array(gl, "the lower gradient bounds")
+    checked_array(gu, "the upper gradient bounds")
     abs_l, abs_u = gl.abs(), gu.abs()
     width = gu - gl
     slope = torch.where(width > 0, (abs_u - abs_l) / torch.where(width > 0, width, 1.0),
@@ -241,7 +247,8 @@ def jacobian_bound(dag: AffineDag, fwd: ForwardBounds, c: torch.Tensor,
     icpt = icpt + SLACK * (1 + slope.abs()) * torch.maximum(abs_l, abs_u)
     linear, kept = adj.upper(0, slope[:, None, :], keep=True)
     upper = torch.minimum(linear[:, 0] + icpt.sum(-1), torch.maximum(abs_l, abs_u).sum(-1))
-    upper = upper * (1 + SLACK * dag.n_acts * 4)
+    upper = checked_array(upper * (1 + SLACK * dag.n_acts * 4), "the local Lipschitz bound",
+                          nonnegative=True)
     result = JacobianBound(upper, gl, gu)
     if scores:
         for m in range(1, dag.n_acts + 1):

@@ -19,6 +19,7 @@ float-rigorous certificate. Refuses networks above a size limit.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,10 +29,12 @@ from scipy.sparse import lil_matrix
 from ..errors import MethodNotApplicable
 from ..ir import ops as O
 from ..ir.graph import Graph
+from ..soundness import checked, poison
 from .affine_dag import CHAIN_LINEAR_OPS
 from .base import Bound, Estimator, register
 from .chain import dense_chain
 from .region import box_from_options
+from .settings import setting
 
 MAX_RELUS = 200
 MAX_INPUTS = 400
@@ -221,9 +224,19 @@ def lipmip_output(layers, low, high, output: int, time_limit: float) -> tuple[fl
     return max(dual, incumbent), incumbent, status
 
 
+@dataclass(frozen=True)
+class ExactSettings:
+    time_limit: float = setting(60.0, "HiGHS time limit (seconds) for all outputs together",
+                                minimum=0, exclusive=True)
+    max_relus: int = setting(MAX_RELUS, "refuse larger networks", minimum=1)
+    max_inputs: int = setting(MAX_INPUTS, "refuse more inputs", minimum=1)
+
+
 @register
 class ExactEstimator(Estimator):
     name = "exact"
+    settings = ExactSettings
+    deadline = ("time_limit", 0.7)
     summary = ("LipMIP: exact linf Lipschitz constant of small ReLU chains on a box, by a "
                "mixed-integer program (scipy HiGHS); a reference, not a certificate")
     norms = ("inf",)
@@ -248,6 +261,7 @@ class ExactEstimator(Estimator):
         for i in range(layers[-1][0].shape[0]):
             remaining = max(1.0, time_limit - (time.perf_counter() - start))
             dual, inc, status = lipmip_output(layers, low, high, i, remaining)
+            dual = checked(poison("exact.value", dual), f"the MIP value of output {i}")
             best_dual, best_inc = max(best_dual, dual), max(best_inc, inc)
             statuses.append(status)
         solved = all(s in ("optimal", "affine", "zero") for s in statuses)

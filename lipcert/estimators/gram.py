@@ -14,6 +14,7 @@ merged conv, ||I + W|| instead of 1 + ||W||. l2 only: linf norms are exact alrea
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,11 +23,13 @@ import torch
 from ..ir import evaluate
 from ..ir import ops as O
 from ..ir.graph import Graph, Node
+from ..soundness import checked, poison
 from . import layer_norms as N
 from .base import Bound, Estimator, cached_factor, options_key, register
 from .gram_core import conv_gram_bound, dense_gram_bound
 from .naive import MULTI, UNARY, propagate
 from .rounding import mul_up
+from .settings import setting
 
 UNROLL_MIN_SIDE = 1024
 UNROLL_MAX_ENTRIES = 4_000_000
@@ -182,9 +185,20 @@ def merged_residual_conv(node: Node, graph: Graph) -> tuple[str, O.Conv] | None:
     return src, merged
 
 
+@dataclass(frozen=True)
+class GramSettings:
+    iterations: int = setting(10, "Gram iterations per frequency block (the bound decreases "
+                                  "with each)", minimum=1)
+    unroll_min_side: int = setting(UNROLL_MIN_SIDE, "exact SVD of the unrolled conv when its "
+                                                    "smaller side is at most this", minimum=0)
+    unroll_max_entries: int = setting(UNROLL_MAX_ENTRIES, "... and it has at most this many "
+                                                          "entries", minimum=0)
+
+
 @register
 class GramEstimator(Estimator):
     name = "gram"
+    settings = GramSettings
     summary = ("Gram-iteration bounds for convolutions (circular embedding, sound for zero "
                "padding and stride), exact SVD for dense layers, merged linear residuals")
     norms = ("2",)
@@ -192,7 +206,9 @@ class GramEstimator(Estimator):
 
     def layer_bound(self, op: O.Op, in_shape, out_shape, options) -> tuple[float, str, dict]:
         def compute():
-            cands = CANDIDATES[type(op)](op, in_shape, out_shape, options)
+            cands = {name: checked(v, f"gram's {name} candidate for a {op.kind} layer")
+                     for name, v in CANDIDATES[type(op)](op, in_shape, out_shape,
+                                                         options).items()}
             best = min(cands, key=cands.get)
             return cands[best], best, cands
 
@@ -202,6 +218,7 @@ class GramEstimator(Estimator):
         def factor(node: Node, in_shape):
             if type(node.op) in CANDIDATES:
                 value, best, cands = self.layer_bound(node.op, in_shape, node.shape, options)
+                value = poison("gram.layer", value)
                 return value, f"{best} (" + ", ".join(f"{k}={v:.6g}" for k, v in
                                                       cands.items()) + ")"
             return UNARY[type(node.op)](node.op, node, in_shape, norm)
@@ -214,6 +231,8 @@ class GramEstimator(Estimator):
                 return None
             src, conv = found
             value, best, _ = self.layer_bound(conv, graph.shape_of(src), node.shape, options)
+            value = checked(poison("gram.layer", value), f"gram's merged residual at "
+                                                          f"{node.source!r}")
             plain = MULTI[O.Add](node.op, [lip[i] for i in node.inputs], norm)
             merged = mul_up(value, lip[src])
             merges.append({"node": node.source, "merged": merged, "separate": plain,

@@ -6,7 +6,7 @@ sigma_max(A) <= ||G_t||_F^(1 / 2^t)  (their Theorem 1), an upper bound at every 
 decreases to sigma_max. We rescale by the Frobenius norm at each step (their Algorithm 2,
 there in log space) and, unlike the reference code, carry the rounding error of every
 product and division as additive terms, so the printed value is a bound for the exact
-matrix, not for the floating-point iterates (DESIGN.md: float32 iterates dip below the
+matrix, not for the floating-point iterates (measured: float32 iterates dip below the
 exact value after ~8 iterations).
 
 Convolutions (Delattre et al. 2023, Sec. 4; Delattre et al. 2024 for zero padding): a

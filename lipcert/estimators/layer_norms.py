@@ -1,6 +1,6 @@
 """Sound per-layer operator norms (upper bounds), each rounded upwards.
 
-These are the facts of DESIGN.md ("Facts each estimator needs"); estimators compose them.
+These are the per-layer norm facts (docs/ARCHITECTURE.md, "Estimators"); estimators compose them.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def conv_l2_cheap(weight: np.ndarray, stride, dilation, groups: int) -> tuple[fl
 
 
 def conv_linf(weight: np.ndarray) -> float:
-    """linf norm of a convolution: max over output channels of sum |K[o]| (DESIGN.md)."""
+    """linf norm of a convolution: max over output channels of sum |K[o]| ."""
     return max_row_abs_sum(np.asarray(weight).reshape(weight.shape[0], -1))
 
 
@@ -102,7 +102,7 @@ def conv_transpose_linf(op: O.ConvTranspose) -> float:
 
 
 def max_pool_l2(op: O.MaxPool) -> float:
-    """sqrt of the number of windows that can contain one pixel (DESIGN.md): the Clarke
+    """sqrt of the number of windows that can contain one pixel: the Clarke
     Jacobian has unit rows, and a column has at most that many nonzeros."""
     m = _overlap(op.kernel[0], op.stride[0], op.dilation[0]) * \
         _overlap(op.kernel[1], op.stride[1], op.dilation[1])

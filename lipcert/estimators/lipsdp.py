@@ -29,14 +29,17 @@ import numpy as np
 from ..errors import MethodNotApplicable
 from ..ir import ops as O
 from ..ir.graph import Graph
+from ..soundness import checked, poison
 from .affine_dag import CHAIN_LINEAR_OPS
 from .base import Bound, Estimator, register
 from .chain import DenseChain, dense_chain
 from .rounding import mul_up, sum_up
 from .sdp_certificate import U, proves_positive_definite, smallest_rho
+from .settings import setting
 
 SLOPE_RESTRICTED = (O.Relu, O.LeakyRelu, O.Sigmoid, O.Tanh, O.Clip)
 MAX_NEURONS = 1024
+SOLVERS = ("auto", "clarabel", "scs", "firstorder")
 SCS_NEURONS = 320  # SCS in "auto" up to this many hidden neurons, first-order beyond
 SCS_AUTO_SECONDS = 15.0
 
@@ -454,9 +457,29 @@ def slopes_of(chain: DenseChain) -> list:
     return qcs
 
 
+@dataclass(frozen=True)
+class LipSDPSettings:
+    form: str = setting("neuron", "multiplier structure: one per neuron, one per layer, or "
+                                  "ECLipsE-Fast's closed form (no solver)",
+                        choices=("neuron", "layer", "eclipse-fast"))
+    solver: str = setting("auto", "who proposes the multipliers (the certificate decides)",
+                          choices=SOLVERS)
+    split: int = setting(0, "sub-chains of at most this many hidden layers (0: no split)",
+                         minimum=0)
+    time_limit: float = setting(60.0, "seconds for all proposers together", minimum=0,
+                                exclusive=True)
+    max_neurons: int | None = setting(None, f"refuse larger (sub-)chains (default "
+                                            f"{MAX_NEURONS}; {8 * MAX_NEURONS} for "
+                                            "eclipse-fast)", minimum=1)
+    max_entries: int = setting(30_000_000, "conv layers are unrolled into matrices up to this "
+                                           "many entries", minimum=1)
+
+
 @register
 class LipSDPEstimator(Estimator):
     name = "lipsdp"
+    settings = LipSDPSettings
+    deadline = ("time_limit", 0.7)
     summary = ("LipSDP (Neuron/Layer/ECLipsE-Fast forms, slope-restricted and GroupSort "
                "constraints, l2 and linf) for chains; every printed bound is a float-rigorously "
                "checked certificate")
@@ -497,10 +520,14 @@ class LipSDPEstimator(Estimator):
                                    "norm": norm, "subchains": []}
         for k, (weights, part_slopes) in enumerate(parts):
             if progress:
-                progress(f"sub-chain {k + 1} of {len(parts)}" if len(parts) > 1 else "")
+                progress(f"solving sub-chain {k + 1} of {len(parts)}" if len(parts) > 1
+                         else "solving")
             value, info = bound_subchain(weights, part_slopes, form, solver, time_limit, norm,
                                          progress)
             details["subchains"].append(info)
+            if value is not None:
+                value = checked(poison("lipsdp.rho", value),
+                                f"lipsdp's certified value for sub-chain {k + 1}")
             if value is None:
                 notes = [f"no certificate for sub-chain {k + 1} of {len(parts)}: "
                          f"{info['certificate']}; no bound printed (the solver's objective "
@@ -526,7 +553,6 @@ class LipSDPEstimator(Estimator):
         return Bound(method=self.name, norm=norm, upper=total, notes=notes, details=details)
 
 
-SOLVERS = ("auto", "clarabel", "scs", "firstorder")
 INTERIOR_POINT_SIZE = 40  # Clarabel in "auto" up to this LMI size (its cost grows like d^6)
 
 
@@ -659,7 +685,7 @@ def bound_subchain(weights: list[np.ndarray], slopes: list, form: str, solver: s
     deadline = t0 + time_limit
     for j, (solve_weights, check_weights) in enumerate(rows):
         if progress and len(rows) > 1:
-            progress(f"output {j + 1} of {len(rows)}")
+            progress(f"solving output {j + 1} of {len(rows)}")
         remaining = max(1.0, (deadline - time.perf_counter()) / (len(rows) - j))
         value = _propose_and_certify(solve_weights, check_weights, slopes, form, proposers,
                                      auto, remaining, norm, info)

@@ -12,16 +12,18 @@ L ||x - x'||_inf for x, x' in the box. :func:`local_bound` also bounds any funct
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..ir.graph import Graph
-from .affine_dag import MAX_ENTRIES, UNROLLABLE, AffineDag, build_affine_dag
+from .affine_dag import MAX_ENTRIES, UNROLLABLE, AffineDag, cached_affine_dag
 from .base import Bound, Estimator, register
 from .local_bab import BabResult, LocalProblem, branch_and_bound
 from .region import box_from_options
+from .settings import setting
 
 DEFAULT_BAB_TIME = 10.0
 
@@ -49,9 +51,31 @@ def local_bound(dag: AffineDag, low: np.ndarray, high: np.ndarray, c: np.ndarray
                             batch=batch, progress=progress)
 
 
+def _progress_text(report: Callable[[str], None] | None) -> Callable[[dict], None] | None:
+    """Branch-and-bound's progress events as the one text form every method reports."""
+    if report is None:
+        return None
+    return lambda info: report(f"branch-and-bound {info['elapsed']:.0f} s, "
+                               f"{info['domains']:,} domains ({info['open']:,} open), "
+                               f"bound {info['upper']:.6g}")
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    bab_time: float = setting(DEFAULT_BAB_TIME, "seconds of branch-and-bound (0: bound "
+                                                "propagation only)", minimum=0)
+    max_domains: int = setting(200_000, "domains visited before stopping", minimum=1)
+    batch: int = setting(32, "domains split per step", minimum=1)
+    max_entries: int = setting(MAX_ENTRIES, "unrolled linear-layer matrix entries (8 bytes "
+                                            "each)", minimum=1)
+
+
 @register
 class LocalEstimator(Estimator):
     name = "local"
+    settings = LocalSettings
+    deadline = ("bab_time", 0.5)
+    certify_defaults = {"bab_time": 0.0}  # certify: bound propagation per sample
     summary = ("local linf bound on a box (x0 +- eps): Clarke-Jacobian bound propagation "
                "with branch-and-bound (Shi et al., NeurIPS 2022)")
     norms = ("inf",)
@@ -59,8 +83,8 @@ class LocalEstimator(Estimator):
     handlers = {op: None for op in UNROLLABLE}
 
     def compute(self, graph: Graph, norm: str, **options: Any) -> Bound:
-        dag = build_affine_dag(graph, self.name,
-                               int(options.get("max_entries", MAX_ENTRIES)))
+        dag = cached_affine_dag(graph, self.name,
+                                int(options.get("max_entries", MAX_ENTRIES)))
         low, high, region = box_from_options(options, dag.sizes[0])
         n_out = dag.out.bias.numel()
         c = np.asarray(options["queries"], dtype=np.float64) if options.get(
@@ -69,7 +93,7 @@ class LocalEstimator(Estimator):
         result = local_bound(dag, low, high, c, bab_time=bab_time,
                              max_domains=int(options.get("max_domains", 200_000)),
                              batch=int(options.get("batch", 32)),
-                             progress=options.get("progress"))
+                             progress=_progress_text(options.get("progress")))
         root = result.root
         lower = result.lower
         if options.get("center") is not None:
@@ -86,7 +110,7 @@ class LocalEstimator(Estimator):
                          f"{root:.6g}")
         return Bound(method=self.name, norm=norm, upper=result.upper,
                      lower=lower if lower > 0 else None, scope="box", region=region,
-                     notes=notes,
+                     notes=notes, per_query=list(result.per_query),
                      details={"root_bound": root, "per_output": result.per_query,
                               "domains": result.domains, "leaves_checked": result.leaves_checked,
                               "leaves_pruned": result.leaves_pruned, "exact": result.exact,

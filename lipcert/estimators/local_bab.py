@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from scipy.optimize import linprog
 
+from ..errors import InternalCheckFailed
 from ..ir import ops as O
 from .affine_dag import AffineDag
 from .clarke import ForwardBounds, forward_bounds, jacobian_bound
@@ -128,6 +130,15 @@ class LocalProblem:
         return res.status != 2  # 2: infeasible; anything else counts as feasible
 
 
+def _infeasible(value: float) -> bool:
+    """True for a domain that split constraints proved empty (bound -inf); NaN is never taken
+    for an empty domain: it ends the method (the bounds are checked before they get here)."""
+    if math.isnan(value):
+        raise InternalCheckFailed("internal check failed: a branch-and-bound domain has a NaN "
+                                  "bound; no bound printed. Please report this model")
+    return value == -math.inf
+
+
 def branch_and_bound(problem: LocalProblem, *, time_budget: float, max_domains: int = 200_000,
                      batch: int = 32, rtol: float = 1e-6,
                      progress: Callable[[dict], None] | None = None) -> BabResult:
@@ -139,7 +150,7 @@ def branch_and_bound(problem: LocalProblem, *, time_budget: float, max_domains: 
     heap: list[tuple[float, int, Domain]] = []
     sizes = problem.dag.sizes[1:]
     for q in range(n_q):
-        if not np.isfinite(float(upper[q])):
+        if _infeasible(float(upper[q])):
             continue
         dom = Domain(q, [torch.zeros(n, dtype=torch.int8) for n in sizes],
                      [z[q] for z in fwd.zl], [z[q] for z in fwd.zu], float(upper[q]),
@@ -196,7 +207,7 @@ def branch_and_bound(problem: LocalProblem, *, time_budget: float, max_domains: 
         visited += len(children)
         for i, ch in enumerate(children):
             value = float(upper[i])
-            if not np.isfinite(value):
+            if _infeasible(value):
                 continue
             ch.upper = min(value, ch.upper)  # a sub-domain's bound never needs to grow
             ch.zl = [z[i] for z in fwd.zl]

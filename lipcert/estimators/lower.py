@@ -4,11 +4,12 @@ Any ||J(x)|| at a point where the network is differentiable is <= the Lipschitz 
 so is any secant quotient ||f(x) - f(y)|| / ||x - y||. We sample many inputs (several scales,
 so many activation regions), then hill-climb from the best ones with shrinking random steps,
 because for piecewise-linear nets ||J(x)|| is piecewise constant and its gradient is zero
-almost everywhere (DESIGN.md). The value is a true lower bound, never a certificate.
+almost everywhere. The value is a true lower bound, never a certificate.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,9 +17,11 @@ import torch
 
 from ..ir import evaluate
 from ..ir.graph import Graph
+from ..soundness import poison
 from .base import Bound, Estimator, register
 from .naive import MULTI, UNARY
-from .region import parse_domain
+from .region import box_from_options, parse_domain
+from .settings import setting
 
 
 def jacobians(graph: Graph, xs: torch.Tensor) -> torch.Tensor:
@@ -39,8 +42,10 @@ def jacobian_norms(graph: Graph, xs: torch.Tensor, norm: str) -> torch.Tensor:
 
 
 def _batched_norms(graph: Graph, xs: torch.Tensor, norm: str, batch: int) -> torch.Tensor:
-    return torch.cat([jacobian_norms(graph, xs[i:i + batch], norm)
-                      for i in range(0, xs.shape[0], batch)])
+    """Jacobian norms; a non-finite one (overflow) proves nothing and counts as 0."""
+    norms = torch.cat([jacobian_norms(graph, xs[i:i + batch], norm)
+                       for i in range(0, xs.shape[0], batch)])
+    return torch.where(torch.isfinite(norms), norms, torch.zeros_like(norms))
 
 
 def sample_lower_bound(graph: Graph, norm: str = "2", *, samples: int = 256,
@@ -137,9 +142,17 @@ def secant_ascent(graph: Graph, norm: str, starts: torch.Tensor, project, gen,
     return best
 
 
+@dataclass(frozen=True)
+class LowerSettings:
+    samples: int = setting(256, "random starting points (several scales), then hill "
+                                "climbing and secant-quotient ascent", minimum=1)
+    seed: int = setting(0, "random seed")
+
+
 @register
 class LowerEstimator(Estimator):
     name = "lower"
+    settings = LowerSettings
     summary = "empirical lower bound: largest Jacobian norm found by sampling (not a bound)"
     certificate = False
     handlers = {**UNARY, **MULTI}
@@ -147,13 +160,21 @@ class LowerEstimator(Estimator):
     def compute(self, graph: Graph, norm: str, **options: Any) -> Bound:
         samples = int(options.get("samples", 256))
         center, eps = options.get("center"), options.get("eps")
+        if center is not None:  # refuses NaN/inf centres and radii, centres off the domain
+            box_from_options(options, int(np.prod(graph.input_shape)))
         value, where = sample_lower_bound(
             graph, norm, samples=samples, seed=int(options.get("seed", 0)),
             center=center, radius=None if center is None else float(eps),
             domain=parse_domain(options.get("domain")))
+        value = poison("lower.value", value)
+        if not value >= 0:  # NaN: the search proved nothing; never a certificate either way
+            value, notes = 0.0, ["the sampled lower bound was not a number (overflow?); "
+                                 "reported as 0"]
+        else:
+            notes = []
         scope = "global" if center is None else "box"
         return Bound(method=self.name, norm=norm, upper=None, lower=value, sound=False,
                      scope=scope,
                      notes=["a lower bound on the Lipschitz constant (largest Jacobian norm "
-                            "or secant quotient found; an estimate, not a certificate)"],
+                            "or secant quotient found; an estimate, not a certificate)", *notes],
                      details={"samples": samples})

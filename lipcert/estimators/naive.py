@@ -16,6 +16,7 @@ import numpy as np
 
 from ..ir import ops as O
 from ..ir.graph import Graph, Node
+from ..soundness import checked, poison
 from . import layer_norms as N
 from .base import Bound, Estimator, cached_factor, register
 from .rounding import add_up, mul_up, sqrt_up
@@ -116,12 +117,15 @@ def propagate(graph: Graph, norm: str, factor_fn,
         ins = [lip[i] for i in node.inputs]
         if type(node.op) in MULTI:
             special = combine_fn(node, lip) if combine_fn is not None else None
-            lip[node.output] = special if special is not None else \
-                MULTI[type(node.op)](node.op, ins, norm)
+            lip[node.output] = checked(
+                special if special is not None else MULTI[type(node.op)](node.op, ins, norm),
+                f"the {node.op.kind} bound at node {node.source!r}")
             layers.append({"node": node.source, "op": node.op.kind, "combine": ins,
                            "value": lip[node.output]})
             continue
         factor, how = factor_fn(node, graph.shape_of(node.inputs[0]))
+        factor = checked(poison("naive.factor", factor),
+                         f"the {node.op.kind} factor of node {node.source!r}")
         lip[node.output] = mul_up(factor, ins[0])
         if factor != 1.0 or how:
             layers.append({"node": node.source, "op": node.op.kind, "factor": factor,

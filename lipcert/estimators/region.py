@@ -17,10 +17,26 @@ def parse_domain(value) -> tuple[float, float] | None:
         except ValueError:
             raise InputError(f"domain {value!r}: expected LOW,HIGH") from None
     else:
-        lo, hi = (float(v) for v in value)
+        try:
+            lo, hi = (float(v) for v in value)
+        except (TypeError, ValueError):
+            raise InputError(f"domain {value!r}: expected two numbers LOW, HIGH") from None
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise InputError(f"domain {lo:g},{hi:g}: LOW and HIGH must be finite numbers")
     if not lo <= hi:
         raise InputError(f"domain {lo:g},{hi:g}: LOW must not exceed HIGH")
     return lo, hi
+
+
+def parse_eps(value) -> float:
+    """A box radius: a finite number >= 0 (NaN and inf are refused)."""
+    try:
+        eps = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"eps {value!r}: expected a number") from None
+    if not (np.isfinite(eps) and eps >= 0):
+        raise InputError(f"eps must be a finite number >= 0, got {value}")
+    return eps
 
 
 def box_from_options(options: dict, n_in: int) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -29,16 +45,20 @@ def box_from_options(options: dict, n_in: int) -> tuple[np.ndarray, np.ndarray, 
         center = np.asarray(options["center"], dtype=np.float64).reshape(-1)
         if center.size != n_in:
             raise InputError(f"the input point has {center.size} values, the model takes {n_in}")
-        eps = float(options.get("eps", 0.0))
+        if not np.all(np.isfinite(center)):
+            raise InputError("the input point contains NaN or infinite values; a box around it "
+                             "means nothing")
+        eps = parse_eps(options.get("eps", 0.0))
         low, high = center - eps, center + eps
-        if eps < 0 or not np.isfinite(eps):
-            raise InputError(f"eps must be a finite number >= 0, got {eps}")
         domain = parse_domain(options.get("domain"))
         if domain is not None:
+            outside = np.flatnonzero((center < domain[0]) | (center > domain[1]))
+            if outside.size:
+                raise InputError(
+                    f"the input point lies outside the domain [{domain[0]:g}, {domain[1]:g}] "
+                    f"(value {center[outside[0]]:g} at position {int(outside[0])}): a box "
+                    "clipped to the domain would not contain it; fix the point or the domain")
             low, high = np.maximum(low, domain[0]), np.minimum(high, domain[1])
-            if np.any(low > high):
-                raise InputError(f"the box x0 +- {eps:g} does not meet the domain "
-                                 f"[{domain[0]:g}, {domain[1]:g}]")
         describe = f"x0 +- {eps:g} (linf)"
         if domain is not None:
             describe += f" within [{domain[0]:g}, {domain[1]:g}]"

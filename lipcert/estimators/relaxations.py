@@ -18,11 +18,13 @@ All lines and bounds are widened by a relative ``SLACK`` for float64 rounding.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ..ir import ops as O
+from ..soundness import checked_array, poison
 
 SLACK = 1e-12
 BRANCHABLE = (O.Relu, O.LeakyRelu)
@@ -102,20 +104,40 @@ def _sigmoid_derivative(z: torch.Tensor) -> torch.Tensor:
 
 
 def _clip(op: O.Clip, l, u, split):
-    lo, hi = op.low, op.high
+    """Clip to [low, high]. Each infinite limit is handled explicitly: Clip(-inf, inf) is the
+    identity, Clip(low, inf) = max(z, low) and Clip(-inf, high) = min(z, high) have one kink;
+    low >= high is the constant high (ONNX and torch agree on that case)."""
+    lo, hi = float(op.low), float(op.high)
+    zero, one = torch.zeros_like(l), torch.ones_like(l)
+    no_split = torch.zeros_like(split)
+    if not hi > lo:
+        return Relaxation(zero, zero + hi, zero, zero + hi, zero + hi, zero + hi, zero, zero,
+                          torch.zeros_like(l, dtype=torch.bool))
+    if math.isinf(lo) and math.isinf(hi):
+        return Relaxation(one, zero, one, zero, l.clone(), u.clone(), one, one,
+                          torch.zeros_like(l, dtype=torch.bool))
+    if math.isinf(hi):
+        return _no_mixed(_two_piece(l, u, lo, lo, 0.0, 1.0, no_split))
+    if math.isinf(lo):
+        return _no_mixed(_two_piece(l, u, hi, hi, 1.0, 0.0, no_split))
     lower_kink = u <= hi  # only the lower kink can lie inside [l, u]
     kappa = torch.where(lower_kink, torch.full_like(l, lo), torch.full_like(l, hi))
-    p = torch.where(lower_kink, torch.zeros_like(l), torch.ones_like(l))
+    p = torch.where(lower_kink, zero, one)
     q = 1.0 - p
-    r = _two_piece(l, u, kappa, kappa, p, q, torch.zeros_like(split))
+    r = _two_piece(l, u, kappa, kappa, p, q, no_split)
     both = (l < lo) & (u > hi)  # crosses both kinks: constant bounds, d in [0, 1]
-    zero, one = torch.zeros_like(l), torch.ones_like(l)
     return Relaxation(
         torch.where(both, zero, r.sl), torch.where(both, zero + lo, r.il),
         torch.where(both, zero, r.su), torch.where(both, zero + hi, r.iu),
         torch.where(both, zero + lo, r.bl), torch.where(both, zero + hi, r.bu),
         torch.where(both, zero, r.dl), torch.where(both, one, r.du),
         torch.zeros_like(l, dtype=torch.bool))
+
+
+def _no_mixed(r: Relaxation) -> Relaxation:
+    """Clip kinks are not branched on: never report them as splittable."""
+    r.mixed = torch.zeros_like(r.mixed)
+    return r
 
 
 def relax(op: O.Op, l: torch.Tensor, u: torch.Tensor, split: torch.Tensor) -> Relaxation:
@@ -137,4 +159,7 @@ def relax(op: O.Op, l: torch.Tensor, u: torch.Tensor, split: torch.Tensor) -> Re
     pad = SLACK * (1 + r.su.abs() + r.sl.abs()) * scale
     r.iu, r.il = r.iu + pad, r.il - pad
     r.bl, r.bu = r.bl - pad, r.bu + pad
+    r.iu = poison("local.relaxation", r.iu)
+    for name in ("sl", "il", "su", "iu", "bl", "bu", "dl", "du"):
+        checked_array(getattr(r, name), f"the {op.kind} relaxation ({name})")
     return r

@@ -39,9 +39,11 @@ def smallest_rho(p11: np.ndarray, p12: np.ndarray, p22: np.ndarray) -> float | N
     """lambda_max(P11 - P12 P22^{-1} P21) when P22 < 0 (numerically), else None."""
     try:
         chol = sla.cholesky(-p22, lower=True)
-    except (np.linalg.LinAlgError, sla.LinAlgError):
+    except (np.linalg.LinAlgError, sla.LinAlgError, ValueError):  # ValueError: NaN/inf
         return None
     y = sla.solve_triangular(chol, p12.T, lower=True)  # (-P22)^{-1/2} P21
     schur = p11 + y.T @ y  # P11 - P12 P22^{-1} P21
     schur = (schur + schur.T) / 2
+    if not np.all(np.isfinite(schur)):
+        return None
     return float(sla.eigvalsh(schur)[-1])

@@ -176,10 +176,15 @@ class Tanh(Op):
 
 @dataclass(frozen=True, eq=False)
 class Clip(Op):
-    """Elementwise clamp to [low, high] (ReLU6, hardtanh); slope in [0, 1]."""
+    """Elementwise clamp to [low, high] (ReLU6, hardtanh); slope in [0, 1].
+
+    Either limit may be infinite (``torch.clamp(x, max=c)``, ``Min(x, c)`` import as
+    Clip(-inf, c)); every method handles that case explicitly. NaN limits are refused at
+    import. low >= high is the constant ``high`` (ONNX and torch agree)."""
 
     low: float
     high: float
+    infinite_ok = ("low", "high")
 
 
 @dataclass(frozen=True, eq=False)
@@ -220,7 +225,7 @@ class Extremum(Op):
     arity = -1
 
 
-# Slope ranges [alpha, beta] of elementwise activations (derivative bounds), DESIGN.md.
+# Slope ranges [alpha, beta] of elementwise activations (derivative bounds; docs/ARCHITECTURE.md).
 def slope_range(op: Op) -> tuple[float, float] | None:
     """Return [alpha, beta] with alpha <= f'(t) <= beta for all t, or None if not elementwise."""
     if isinstance(op, Relu):

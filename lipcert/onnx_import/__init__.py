@@ -28,8 +28,9 @@ def load(path: str | Path, *, verify: bool = True) -> Graph:
     if verify:
         info = check_fidelity(model, graph)
         meta["fidelity"] = info
-        note = (f"import checked against onnxruntime on {info['samples']} random inputs "
-                f"(max relative difference {info['max_rel_error']:.1e})")
+        note = (f"import checked against onnxruntime on {info['compared']} of "
+                f"{info['samples']} random inputs with finite outputs (max relative "
+                f"difference {info['max_rel_error']:.1e})")
     else:
         meta["fidelity"] = None
         note = ("import NOT checked against onnxruntime (--no-verify): the bound is for "

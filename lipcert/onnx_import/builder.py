@@ -19,6 +19,7 @@ from .context import Data, ImportContext, Unsupported
 from .registry import HANDLERS
 
 MIN_OPSET, MAX_OPSET = 7, 23
+_FLOAT_INPUTS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -77,6 +78,14 @@ def _input_spec(model: onnx.ModelProto) -> tuple[onnx.ValueInfoProto, list[str]]
     spec = real[0]
     notes = []
     tt = spec.type.tensor_type
+    if not spec.type.HasField("tensor_type"):
+        raise ModelRefused(f"input {spec.name!r} is not a tensor; lipcert bounds models with "
+                           "one float tensor input")
+    if tt.elem_type not in _FLOAT_INPUTS:
+        name = onnx.TensorProto.DataType.Name(tt.elem_type) if tt.elem_type in \
+            onnx.TensorProto.DataType.values() else str(tt.elem_type)
+        raise ModelRefused(f"input {spec.name!r} has element type {name}; lipcert bounds "
+                           "models with a float input (float, double or float16)")
     if not tt.HasField("shape"):
         raise ModelRefused(f"input {spec.name!r} has no declared shape")
     return spec, notes

@@ -3,7 +3,8 @@ nodes, and the helpers every op handler uses."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 import numpy as np
 import onnx
@@ -105,10 +106,7 @@ class ImportContext:
     # -- writing ----------------------------------------------------------------------
     def emit(self, op: O.Op, inputs: list[str] | tuple[str, ...], out: str | None = None) -> str:
         """Append an IR node; returns the name of its output value."""
-        for name, array in op.arrays().items():
-            if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
-                raise InputError(f"node {self.node_name!r} ({self.node.op_type}): its {name} "
-                                 "contains NaN or infinite values; no bound exists")
+        self._check_finite(op)
         probes = [self.data[i].probe for i in inputs]
         try:
             probe = evaluate.apply(op, *probes)
@@ -121,6 +119,32 @@ class ImportContext:
         self.nodes.append(Node(op, tuple(inputs), out, tuple(probe.shape), self.node_name))
         self.data[out] = Data(probe)
         return out
+
+    def _check_finite(self, op: O.Op) -> None:
+        """Every number an op carries must be finite (NaN never; inf only where the op's
+        semantics define it, e.g. a one-sided Clip limit)."""
+        allowed = getattr(op, "infinite_ok", ())
+        for f in fields(op):  # type: ignore[arg-type]
+            value = getattr(op, f.name)
+            if isinstance(value, np.ndarray):
+                if np.issubdtype(value.dtype, np.number) and not np.all(np.isfinite(value)):
+                    bad = "NaN or infinite values"
+                else:
+                    continue
+            elif isinstance(value, float | int | np.number) and not isinstance(value, bool):
+                if math.isnan(value) or (math.isinf(value) and f.name not in allowed):
+                    bad = f"the value {value}"
+                else:
+                    continue
+            elif isinstance(value, tuple) and value and all(
+                    isinstance(v, float | int) for v in value):
+                if all(math.isfinite(v) for v in value):
+                    continue
+                bad = f"the values {list(value)}"
+            else:
+                continue
+            raise InputError(f"node {self.node_name!r} ({self.node.op_type}): its {f.name} "
+                             f"has {bad}; lipcert bounds only models whose numbers are finite")
 
     def bind(self, out_index: int, value: str) -> None:
         """The node's output ``out_index`` is the data value ``value``."""

@@ -106,3 +106,15 @@ def top_k(ctx: ImportContext) -> None:
     if k < n:
         y = ctx.emit(O.Slice(axis, 0, k, 1), [y])
     ctx.bind(0, y)
+
+
+@handles("HardSigmoid")
+def hard_sigmoid(ctx: ImportContext) -> None:
+    """HardSigmoid(x) = max(0, min(1, alpha x + beta)): an elementwise affine map (Scale)
+    followed by Clip(0, 1); every method then reads it through ops it already knows."""
+    x = ctx.data_input(0)
+    alpha = float(np.float32(ctx.attr("alpha", 0.2)))
+    beta = float(np.float32(ctx.attr("beta", 0.5)))
+    ones = (1,) * len(ctx.shape(x))
+    y = ctx.emit(O.Scale(np.full(ones, alpha), np.full(ones, beta)), [x])
+    ctx.bind(0, ctx.emit(O.Clip(0.0, 1.0), [y]))

@@ -31,14 +31,38 @@ def dropout(ctx: ImportContext) -> None:
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE}
 
 
+_FLOAT_DTYPES = (np.float32, np.float64)
+
+
 @handles("Cast", "CastLike")
 def cast(ctx: ImportContext) -> None:
+    """A float32/float64 cast of data is the identity up to rounding (checked by the fidelity
+    test). Casts to integer, bool or 16-bit types round to a staircase whose Lipschitz constant
+    is unbounded: refused, for Cast (``to``) and CastLike (the dtype of its second input)."""
     if ctx.node.op_type == "Cast":
-        to = int(ctx.attr("to"))
-        if to not in _FLOAT_TYPES:
-            name = onnx.TensorProto.DataType.Name(to)
+        to = ctx.attr("to")
+        if to is None:
+            raise Unsupported("Cast without a 'to' attribute")
+        if int(to) not in _FLOAT_TYPES:
+            name = _type_name(int(to))
             raise Unsupported(f"Cast to {name} (only float32/float64 casts of data)")
+    else:
+        if ctx.input_name(1) is None:
+            raise Unsupported("CastLike without a target_type input")
+        if not ctx.is_data(1):
+            target = ctx.const(1)
+            if target.dtype.type not in _FLOAT_DTYPES:
+                raise Unsupported(f"CastLike to {target.dtype} (only float32/float64 casts "
+                                  "of data)")
+        # a data target is computed from the (float) model input by supported ops: float
     ctx.bind(0, ctx.data_input(0))
+
+
+def _type_name(to: int) -> str:
+    try:
+        return onnx.TensorProto.DataType.Name(to)
+    except ValueError:
+        return f"element type {to}"
 
 
 @handles("Shape")
