@@ -309,6 +309,11 @@ def compare(model, methods, norm, input_path, index, eps, domain, timeout, json_
         write_json,
     )
 
+    if json_out == "-" and markdown == "-":
+        from .errors import InputError
+
+        raise InputError("--json - and --markdown - both write to stdout; send one of them to "
+                         "a file")
     cfg = read_config(config_path)
     section = cfg.get("compare", {})
     names = methods.split(",") if methods else list(section.get("methods",

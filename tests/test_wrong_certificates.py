@@ -406,3 +406,22 @@ def test_certify_local_with_domain_survives_pgd():
     # the attack has teeth: far outside the certified radius it flips some samples
     assert any(pgd_flips(graph, x[i], int(y[i]), 0.3, "inf", restarts=1, domain=(0, 1))
                for i in certified[:10])
+
+
+def test_special_files_are_refused_at_once(tmp_path, monkeypatch):
+    import os
+
+    fifo = tmp_path / "pipe.onnx"
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/zero", tmp_path):
+        result = run("bound", path)
+        assert result.exit_code == 2, (path, result.output)
+    monkeypatch.setenv("LIPCERT_MAX_MODEL_BYTES", "100")
+    result = run("bound", MODELS / "digits_mlp.onnx")
+    assert result.exit_code == 2 and "LIPCERT_MAX_MODEL_BYTES" in result.output
+
+
+def test_json_and_markdown_cannot_both_go_to_stdout():
+    result = run("compare", MODELS / "digits_mlp.onnx", "--methods", "naive", "--json", "-",
+                 "--markdown", "-")
+    assert result.exit_code == 2 and "stdout" in result.output

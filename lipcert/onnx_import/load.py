@@ -4,12 +4,30 @@ and external tensor data only from the model's own folder."""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import onnx
 from onnx import external_data_helper
 
 from ..errors import InputError
+
+MAX_BYTES_ENV = "LIPCERT_MAX_MODEL_BYTES"
+DEFAULT_MAX_BYTES = 2 * 1024**3  # protobuf's own limit for one message
+
+
+def max_model_bytes() -> int:
+    """The largest model file lipcert reads (LIPCERT_MAX_MODEL_BYTES raises it)."""
+    raw = os.environ.get(MAX_BYTES_ENV)
+    if raw is None:
+        return DEFAULT_MAX_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InputError(f"{MAX_BYTES_ENV}={raw!r}: expected a number of bytes") from None
+    if value <= 0:
+        raise InputError(f"{MAX_BYTES_ENV}={raw!r}: expected a positive number of bytes")
+    return value
 
 
 def sha256_of(path: str | Path) -> str:
@@ -27,11 +45,30 @@ def _external_tensors(model: onnx.ModelProto):
 def read_model(path: str | Path) -> onnx.ModelProto:
     """Parse ``path`` into a ModelProto or raise :class:`InputError` with one clear line."""
     p = Path(path)
-    if not p.exists():
+    try:
+        exists, is_dir, is_file = p.exists(), p.is_dir(), p.is_file()
+    except OSError as exc:  # e.g. a name too long
+        raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if not exists:
         raise InputError(f"{path}: no such file")
-    if p.is_dir():
+    if is_dir:
         raise InputError(f"{path}: is a directory; give the path of an .onnx file")
-    data = p.read_bytes()
+    if not is_file:  # a named pipe would block, a device never ends
+        raise InputError(f"{path}: not a regular file (a pipe, socket or device); give the "
+                         "path of an .onnx file")
+    limit = max_model_bytes()
+    size = p.stat().st_size
+    if size > limit:
+        raise InputError(f"{path}: {size:,} bytes, above the limit of {limit:,}; set "
+                         f"{MAX_BYTES_ENV}=N to read larger models")
+    try:
+        with open(p, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if len(data) > limit:  # a file that grew, or one whose size the system misreports
+        raise InputError(f"{path}: more than {limit:,} bytes; set {MAX_BYTES_ENV}=N to read "
+                         "larger models")
     if not data:
         raise InputError(f"{path}: the file is empty")
     try:
