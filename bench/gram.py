@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lipcert.estimators import gram_core as G
+from lipcert.estimators.gram import core as G
 
 # (name, c_in, c_out, kernel, stride, input size)
 RESNET18 = [("conv1", 3, 64, 3, 1, 32)]

@@ -47,7 +47,7 @@ def fmt(value) -> str:
 
 
 def run_one(weights, slopes, form, solver, time_limit, norm="2"):
-    from lipcert.estimators.lipsdp import bound_subchain
+    from lipcert.estimators.lipsdp.subchains import bound_subchain
 
     t0 = time.perf_counter()
     value, info = bound_subchain(weights, slopes, form, solver, time_limit, norm)
@@ -197,7 +197,7 @@ def section_eclipse_paper(time_limit: float) -> None:
             neuron, _, t_neuron = run_one(weights, slopes, "neuron", "auto", time_limit)
         else:
             neuron, t_neuron = None, 0.0
-        import lipcert.estimators.lipsdp as lipsdp
+        import lipcert.estimators.lipsdp.subchains as lipsdp
 
         t0 = time.perf_counter()
         total = 1.0

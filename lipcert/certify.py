@@ -35,7 +35,7 @@ import torch
 from .data import read_arrays
 from .errors import InputError, InternalCheckFailed, MethodNotApplicable
 from .estimators import Bound, Estimator, get_estimator, run_estimator
-from .estimators.region import box_from_options, parse_domain, parse_eps
+from .estimators.common.region import box_from_options, parse_domain, parse_eps
 from .ir import evaluate
 from .ir import ops as O
 from .ir.graph import Graph, Node

@@ -95,7 +95,7 @@ def _region(input_path: str | None, index: int | None, eps: float | None,
     """The input region of local methods: a point with --eps, and/or a --domain range."""
     from .config import load_point
     from .errors import InputError
-    from .estimators.region import parse_domain, parse_eps
+    from .estimators.common.region import parse_domain, parse_eps
 
     region: dict = {}
     if domain:
@@ -216,7 +216,7 @@ def certify(model, data, labels, eps, norm, method, gate, report_eps, json_out, 
     from .config import method_options, read_config
     from .errors import InputError
     from .estimators import parse_norm
-    from .estimators.region import parse_eps
+    from .estimators.common.region import parse_eps
     from .report import certify_payload, certify_table, print_table, write_json, write_junit
 
     full_cfg = read_config(config_path)

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lipcert
-from lipcert.estimators import gram_core as G
-from lipcert.estimators.gram import GramEstimator, merged_residual_conv
+from lipcert.estimators.gram import core as G
+from lipcert.estimators.gram.estimator import GramEstimator, merged_residual_conv
 from lipcert.ir import evaluate
 from lipcert.ir import ops as O
 

@@ -11,7 +11,7 @@ from helpers import export, sampled_gradient_lower
 from torch import nn
 
 import lipcert
-from lipcert.estimators.lipsdp import certify_multipliers
+from lipcert.estimators.lipsdp.certificate import certify_multipliers
 
 
 def _net(weights, act=nn.ReLU):
@@ -274,7 +274,7 @@ def test_linf_groupsort_constraints_beat_naive_and_the_relu_rewrite(seed):
 
 def test_linf_weights_are_checked_not_trusted():
     """A certificate from bad input weights is larger, never smaller, than the optimum."""
-    from lipcert.estimators.lipsdp import solve_lipsdp
+    from lipcert.estimators.lipsdp.proposers import solve_lipsdp
 
     rng = np.random.default_rng(4)
     weights = [rng.standard_normal((6, 3)), rng.standard_normal((1, 6))]
@@ -371,7 +371,7 @@ def test_eclipse_fast_not_above_the_reference_closed_form(layers, width):
     7 width + 13 layers, input 4, output 1, layer norms drawn in [0.4, 1.8]), our checked
     ECLipsE-Fast is at most the reference code's closed form, L^2 = lambda_max(W_l^T W_l
     X^-1) (measured 22% and 20% below it: we search the multipliers' scale)."""
-    from lipcert.estimators.lipsdp import bound_subchain
+    from lipcert.estimators.lipsdp.subchains import bound_subchain
 
     rng = np.random.RandomState(7 * width + 13 * layers)
     dims = [4] + [width] * (layers - 1) + [1]

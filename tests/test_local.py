@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 import lipcert
 from lipcert.cli import cli
-from lipcert.estimators.affine_dag import build_affine_dag
 from lipcert.ir import evaluate
 from lipcert.ir import ops as O
+from lipcert.ir.lowering import build_affine_dag
 
 DIGITS = MODELS / "digits_test.npz"
 
@@ -128,7 +128,7 @@ def test_residual_conv_net_is_sound_and_branching_helps():
 
 def test_logit_difference_functional_matches_certify_row():
     from lipcert.certify import with_output_row
-    from lipcert.estimators.local import local_bound
+    from lipcert.estimators.local.estimator import local_bound
 
     graph = lipcert.load(MODELS / "digits_mlp.onnx")
     x0 = np.load(DIGITS)["x"][2].reshape(-1)

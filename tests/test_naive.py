@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lipcert
-from lipcert.estimators import layer_norms as N
+from lipcert.estimators.common import norms as N
 from lipcert.ir import evaluate
 from lipcert.ir import ops as O
 

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from ..errors import InputError, InternalCheckFailed, MethodNotApplicable
 from ..ir.graph import Graph, Node
 from ..soundness import checked
-from .rounding import float32_execution_margin, mul_up
+from .common.rounding import float32_execution_margin, mul_up
 from .settings import NoSettings, merged_options, parse_settings
 
 NORMS = ("2", "inf")
@@ -218,7 +218,7 @@ def _finish(graph: Graph, estimator: Estimator, norm: str, result: Bound, option
         return
     box, queries = None, None
     if estimator.scope == "box":
-        from .region import box_from_options
+        from .common.region import box_from_options
 
         low, high, _ = box_from_options(options, int(math.prod(graph.input_shape)))
         box = (low, high)

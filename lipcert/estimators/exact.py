@@ -28,12 +28,12 @@ from scipy.sparse import lil_matrix
 
 from ..errors import MethodNotApplicable
 from ..ir import ops as O
+from ..ir.chain import dense_chain
 from ..ir.graph import Graph
+from ..ir.lowering import CHAIN_LINEAR_OPS
 from ..soundness import checked, poison
-from .affine_dag import CHAIN_LINEAR_OPS
 from .base import Bound, Estimator, register
-from .chain import dense_chain
-from .region import box_from_options
+from .common.region import box_from_options
 from .settings import setting
 
 MAX_RELUS = 200

@@ -19,8 +19,8 @@ from ..ir import evaluate
 from ..ir.graph import Graph
 from ..soundness import poison
 from .base import Bound, Estimator, register
+from .common.region import box_from_options, parse_domain
 from .naive import MULTI, UNARY
-from .region import box_from_options, parse_domain
 from .settings import setting
 
 

@@ -17,9 +17,9 @@ import numpy as np
 from ..ir import ops as O
 from ..ir.graph import Graph, Node
 from ..soundness import checked, poison
-from . import layer_norms as N
 from .base import Bound, Estimator, cached_factor, register
-from .rounding import add_up, mul_up, sqrt_up
+from .common import norms as N
+from .common.rounding import add_up, mul_up, sqrt_up
 
 
 def _one(op, node, in_shape, norm):

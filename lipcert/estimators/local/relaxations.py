@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ir import ops as O
-from ..soundness import checked_array, poison
+from ...ir import ops as O
+from ...soundness import checked_array, poison
 
 SLACK = 1e-12
 BRANCHABLE = (O.Relu, O.LeakyRelu)

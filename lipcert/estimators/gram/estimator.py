@@ -20,16 +20,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..ir import evaluate
-from ..ir import ops as O
-from ..ir.graph import Graph, Node
-from ..soundness import checked, poison
-from . import layer_norms as N
-from .base import Bound, Estimator, cached_factor, options_key, register
-from .gram_core import conv_gram_bound, dense_gram_bound
-from .naive import MULTI, UNARY, propagate
-from .rounding import mul_up
-from .settings import setting
+from ...ir import evaluate
+from ...ir import ops as O
+from ...ir.graph import Graph, Node
+from ...soundness import checked, poison
+from ..base import Bound, Estimator, cached_factor, options_key, register
+from ..common import norms as N
+from ..common.rounding import mul_up
+from ..naive import MULTI, UNARY, propagate
+from ..settings import setting
+from .core import conv_gram_bound, dense_gram_bound
 
 UNROLL_MIN_SIDE = 1024
 UNROLL_MAX_ENTRIES = 4_000_000

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from scipy.optimize import linprog
 
-from ..errors import InternalCheckFailed
-from ..ir import ops as O
-from .affine_dag import AffineDag
-from .clarke import ForwardBounds, forward_bounds, jacobian_bound
+from ...errors import InternalCheckFailed
+from ...ir import ops as O
+from ...ir.lowering import AffineDag
+from .jacobian import ForwardBounds, forward_bounds, jacobian_bound
 
 
 @dataclass

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..soundness import checked_array, poison
-from .affine_dag import Affine, AffineDag
+from ...ir.lowering import Affine, AffineDag
+from ...soundness import checked_array, poison
 from .relaxations import SLACK, Relaxation, relax, widen
 
 INFEASIBLE_TOL = 1e-9

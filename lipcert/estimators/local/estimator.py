@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..ir.graph import Graph
-from .affine_dag import MAX_ENTRIES, UNROLLABLE, AffineDag, cached_affine_dag
-from .base import Bound, Estimator, register
-from .local_bab import BabResult, LocalProblem, branch_and_bound
-from .region import box_from_options
-from .settings import setting
+from ...ir.graph import Graph
+from ...ir.lowering import MAX_ENTRIES, UNROLLABLE, AffineDag, cached_affine_dag
+from ..base import Bound, Estimator, register
+from ..common.region import box_from_options
+from ..settings import setting
+from .bab import BabResult, LocalProblem, branch_and_bound
 
 DEFAULT_BAB_TIME = 10.0
 

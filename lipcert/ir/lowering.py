@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from ..errors import MethodNotApplicable
-from ..ir import evaluate
-from ..ir import ops as O
-from ..ir.graph import Graph
+from . import evaluate
+from . import ops as O
+from .graph import Graph
 
 MAX_ENTRIES = 30_000_000
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import MethodNotApplicable
-from ..ir import ops as O
-from ..ir.graph import Graph
+from . import ops as O
+from .graph import Graph
 
 
 @dataclass
@@ -80,7 +80,7 @@ def dense_chain(graph: Graph, method: str, allowed: tuple[type, ...],
 def _unrolled_chain(graph: Graph, method: str, allowed: tuple[type, ...],
                     max_entries: int | None) -> DenseChain:
     """The chain read from the unrolled affine DAG: z_k may depend only on base k - 1."""
-    from .affine_dag import MAX_ENTRIES, UNROLLABLE, build_affine_dag
+    from .lowering import MAX_ENTRIES, UNROLLABLE, build_affine_dag
 
     for node in graph.nodes:
         if not isinstance(node.op, allowed) and not isinstance(node.op, UNROLLABLE):

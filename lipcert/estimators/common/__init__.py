@@ -1,0 +1,1 @@
+"""Numerics shared by several methods: directed rounding, per-layer norms, input regions."""

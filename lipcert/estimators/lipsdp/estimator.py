@@ -1,0 +1,159 @@
+"""The ``lipsdp`` estimator: LipSDP (Fazlyab, Robey, Hassani, Morari, Pappas, NeurIPS 2019)
+for chains of dense layers and slope-restricted activations, l2 norm.
+
+With z = [x_0; x_1; ...; x_{l-1}], A = [blkdiag(W_1..W_{l-1}), 0] (pre-activations) and
+B = [0, I] (post-activations), LipSDP solves (their Theorem 2)
+    min rho  s.t.  M = [A; B]^T [[-2 a b T, (a + b) T], [(a + b) T, -2T]] [A; B]
+                       + blkdiag(-rho I, 0, ..., 0, W_l^T W_l)  <= 0,   T diagonal >= 0,
+and L = sqrt(rho). Forms: ``neuron`` (one multiplier per neuron, default) and ``layer``
+(one per layer). Biases cancel. The "LipSDP-Network" coupling is unsound and not offered.
+
+The solver only proposes T. The printed bound comes from :mod:`sdp_certificate`: T clipped
+to >= 0, rho* from the Schur complement on the *uncompressed* problem, a margin, and a
+Cholesky proof of -M > 0 that accounts for float64 rounding. If that fails we try the other
+form's multipliers, then give no bound and say why; the solver's objective is never printed.
+The SDP itself is solved on the compressed input (W_1^T = QR, W_1 -> R^T: exact in real
+arithmetic), which keeps it small when the input is wide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ...errors import MethodNotApplicable
+from ...ir import ops as O
+from ...ir.chain import DenseChain, dense_chain
+from ...ir.graph import Graph
+from ...ir.lowering import CHAIN_LINEAR_OPS
+from ...soundness import checked, poison
+from ..base import Bound, Estimator, register
+from ..common.rounding import mul_up
+from ..settings import setting
+from .lmi import GroupQC
+from .subchains import affine_norm, bound_subchain, split_chain
+
+SLOPE_RESTRICTED = (O.Relu, O.LeakyRelu, O.Sigmoid, O.Tanh, O.Clip)
+MAX_NEURONS = 1024
+SOLVERS = ("auto", "clarabel", "scs", "firstorder")
+
+
+def slopes_of(chain: DenseChain) -> list:
+    """Each hidden layer's quadratic constraint: (alpha, beta) or a GroupQC."""
+    qcs = []
+    for act, w in zip(chain.activations, chain.weights, strict=False):
+        if isinstance(act, O.GroupSort):
+            groups = np.asarray(act.groups, dtype=np.int64)
+            if groups.max(initial=-1) >= w.shape[0] or \
+                    np.unique(groups).size != groups.size:
+                raise MethodNotApplicable("method lipsdp needs GroupSort on the layer's "
+                                          "feature axis")
+            qcs.append(GroupQC(groups))
+        else:
+            qcs.append(O.slope_range(act))
+    return qcs
+
+
+@dataclass(frozen=True)
+class LipSDPSettings:
+    form: str = setting("neuron", "multiplier structure: one per neuron, one per layer, or "
+                                  "ECLipsE-Fast's closed form (no solver)",
+                        choices=("neuron", "layer", "eclipse-fast"))
+    solver: str = setting("auto", "who proposes the multipliers (the certificate decides)",
+                          choices=SOLVERS)
+    split: int = setting(0, "sub-chains of at most this many hidden layers (0: no split)",
+                         minimum=0)
+    time_limit: float = setting(60.0, "seconds for all proposers together", minimum=0,
+                                exclusive=True)
+    max_neurons: int | None = setting(None, f"refuse larger (sub-)chains (default "
+                                            f"{MAX_NEURONS}; {8 * MAX_NEURONS} for "
+                                            "eclipse-fast)", minimum=1)
+    max_entries: int = setting(30_000_000, "conv layers are unrolled into matrices up to this "
+                                           "many entries", minimum=1)
+
+
+@register
+class LipSDPEstimator(Estimator):
+    name = "lipsdp"
+    settings = LipSDPSettings
+    deadline = ("time_limit", 0.7)
+    summary = ("LipSDP (Neuron/Layer/ECLipsE-Fast forms, slope-restricted and GroupSort "
+               "constraints, l2 and linf) for chains; every printed bound is a float-rigorously "
+               "checked certificate")
+    norms = ("2", "inf")
+    handlers = {O.GroupSort: None, **{op: None for op in (*CHAIN_LINEAR_OPS, *SLOPE_RESTRICTED)}}
+
+    def compute(self, graph: Graph, norm: str, **options: Any) -> Bound:
+        chain = dense_chain(graph, self.name, (*SLOPE_RESTRICTED, O.GroupSort),
+                            options.get("max_entries"))
+        form = str(options.get("form", "neuron")).lower()
+        if form not in FORMS:
+            raise MethodNotApplicable(f"lipsdp form {form!r}: use {', '.join(FORMS)}")
+        if form == "eclipse-fast" and norm != "2":
+            raise MethodNotApplicable("lipsdp form eclipse-fast is l2 only; use -o form=neuron "
+                                      "for linf")
+        slopes = slopes_of(chain)
+        if not chain.activations:  # affine: exact
+            return Bound(method=self.name, norm=norm, upper=affine_norm(chain.weights[0], norm),
+                         notes=["affine model: exact operator norm"])
+        solver = str(options.get("solver", "auto")).lower()
+        if solver not in SOLVERS:
+            raise MethodNotApplicable(f"lipsdp solver {solver!r}: use {', '.join(SOLVERS)}")
+        split = int(options.get("split", 0))
+        parts = split_chain(chain.weights, slopes, split)
+        limit = int(options.get("max_neurons", MAX_NEURONS if form != "eclipse-fast"
+                                else 8 * MAX_NEURONS))
+        for weights, _ in parts:
+            n_hidden = sum(w.shape[0] for w in weights[:-1])
+            if n_hidden > limit:
+                raise MethodNotApplicable(
+                    f"method lipsdp refuses {n_hidden} hidden neurons in one (sub-)chain "
+                    f"(limit {limit}); try -o split=2, -o form=eclipse-fast or -o "
+                    "max_neurons=N")
+        time_limit = float(options.get("time_limit", 60.0))
+        progress = options.get("progress")
+        total = 1.0
+        details: dict[str, Any] = {"form": form, "solver": solver, "split": split,
+                                   "norm": norm, "subchains": []}
+        for k, (weights, part_slopes) in enumerate(parts):
+            if progress:
+                progress(f"solving sub-chain {k + 1} of {len(parts)}" if len(parts) > 1
+                         else "solving")
+            value, info = bound_subchain(weights, part_slopes, form, solver, time_limit, norm,
+                                         progress)
+            details["subchains"].append(info)
+            if value is not None:
+                value = checked(poison("lipsdp.rho", value),
+                                f"lipsdp's certified value for sub-chain {k + 1}")
+            if value is None:
+                notes = [f"no certificate for sub-chain {k + 1} of {len(parts)}: "
+                         f"{info['certificate']}; no bound printed (the solver's objective "
+                         "is not a bound)"]
+                return Bound(method=self.name, norm=norm, upper=None, notes=notes,
+                             details=details)
+            total = mul_up(total, value)
+            if k < len(parts) - 1:  # the activation between two sub-chains
+                qc = slopes[sum(len(pw) for pw, _ in parts[:k + 1]) - 1]
+                total = mul_up(total, 1.0 if isinstance(qc, GroupQC)
+                               else max(abs(qc[0]), abs(qc[1])))
+        if len(parts) == 1:
+            details.update({key: v for key, v in details["subchains"][0].items()})
+        label = "ECLipsE-Fast" if form == "eclipse-fast" else f"LipSDP-{form.capitalize()}"
+        if norm == "inf":
+            label += (" (linf: diag(tau) input weights, one SDP per output, L^2 <= s sum tau)")
+        notes = [f"{label}" + (f" on {len(parts)} sub-chains of <= {split} hidden layers, "
+                               "multiplied with the boundary activations' max(|alpha|, "
+                               "|beta|)" if len(parts) > 1 else "")]
+        proposers = sorted({name for sc in details["subchains"] for name in sc["proposers"]})
+        notes.append(f"multipliers proposed by {', '.join(proposers)}; every value from a "
+                     "checked certificate")
+        return Bound(method=self.name, norm=norm, upper=total, notes=notes, details=details)
+
+
+
+
+FORMS = ("neuron", "layer", "eclipse-fast")
+
+

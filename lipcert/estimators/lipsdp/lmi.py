@@ -1,0 +1,230 @@
+"""The LipSDP matrix inequality: multiplier structure (slope-restricted and GroupSort
+quadratic constraints), the assembled matrix M(T) the certificate checks, a strictly
+feasible start, exact rescaling and input compression, and the cvxpy expression built from
+the same assembly (Fazlyab et al., NeurIPS 2019, Thm 2; Pauli et al., ICLR 2024, Sec. 4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class GroupQC:
+    """GroupSort/MaxMin layer: ``groups`` (n_groups, g) are positions within the layer.
+
+    Pauli, Havens, Araujo, Garg, Khorrami, Allgower, Hu (ICLR 2024), Sec. 4: each group is
+    1-Lipschitz and preserves its sum, so for any lambda_j >= 0 and any real gamma_j
+        dv^T T dv - dw^T T dw >= 0,   T = blkdiag_j(lambda_j I + gamma_j 1 1^T),
+    for the increments dv of the group's input and dw of its output."""
+
+    groups: np.ndarray
+
+
+def _structure(weights: list[np.ndarray]):
+    """Row blocks of A: (row offset, column offset, W) for each hidden layer."""
+    n0 = weights[0].shape[1]
+    blocks, row, col = [], 0, 0
+    for w in weights[:-1]:
+        blocks.append((row, col, w))
+        row += w.shape[0]
+        col += w.shape[1]
+    return n0, row, blocks
+
+
+def n_multipliers(weights, qcs) -> list[int]:
+    """Entries of the multiplier vector per hidden layer: one per neuron for a slope
+    restriction, (lambda_j, gamma_j) per group for GroupSort."""
+    return [2 * q.groups.shape[0] if isinstance(q, GroupQC) else w.shape[0]
+            for w, q in zip(weights[:-1], qcs, strict=True)]
+
+
+def nonneg_mask(weights, qcs) -> np.ndarray:
+    """True where a multiplier must be >= 0 (all but the GroupSort gamma_j)."""
+    parts = []
+    for w, q in zip(weights[:-1], qcs, strict=True):
+        if isinstance(q, GroupQC):
+            n = q.groups.shape[0]
+            parts.append(np.r_[np.ones(n, bool), np.zeros(n, bool)])
+        else:
+            parts.append(np.ones(w.shape[0], bool))
+    return np.concatenate(parts) if parts else np.zeros(0, bool)
+
+
+def parameter_groups(weights, qcs, form: str) -> list[np.ndarray]:
+    """Index sets of the multiplier vector that share one SDP variable in each form."""
+    groups, offset = [], 0
+    for n, q in zip(n_multipliers(weights, qcs), qcs, strict=True):
+        idx = np.arange(offset, offset + n)
+        offset += n
+        if form == "neuron":
+            groups += [idx[i:i + 1] for i in range(n)]
+        elif isinstance(q, GroupQC):
+            groups += [idx[: n // 2], idx[n // 2:]]
+        else:
+            groups.append(idx)
+    return groups
+
+
+def _membership(groups: np.ndarray, size: int) -> np.ndarray:
+    g = np.zeros((size, groups.shape[0]))
+    for j, row in enumerate(groups):
+        g[row, j] = 1.0
+    return g
+
+
+def assemble(weights, slopes, lam, absolute: bool = False, xp=np):
+    """P = sum_i lam_i F_i + blkdiag(0, .., W_l^T W_l), dense (rho excluded).
+
+    ``slopes`` gives each hidden layer's quadratic constraint: (alpha, beta) for a slope
+    restriction, or a :class:`GroupQC`. ``xp`` is numpy (float64 arrays) or torch (float64
+    tensors, differentiable in ``lam``). With ``absolute`` (numpy only) every term's
+    absolute value is summed instead: an entrywise bound used for the rounding error of
+    forming P.
+    """
+    n0, n_hidden, blocks = _structure(weights)
+    d = n0 + n_hidden
+    p = xp.zeros((d, d), dtype=xp.float64)
+    offset = 0
+    for k, (row, col, w) in enumerate(blocks):
+        qc = slopes[k]
+        cols = slice(col, col + w.shape[1])
+        hid = slice(n0 + row, n0 + row + w.shape[0])
+        if isinstance(qc, GroupQC):
+            n_groups = qc.groups.shape[0]
+            lk, gk = lam[offset:offset + n_groups], lam[offset + n_groups:offset + 2 * n_groups]
+            offset += 2 * n_groups
+            memb = _membership(qc.groups, w.shape[0])
+            if xp is not np:
+                memb = xp.as_tensor(memb, dtype=xp.float64)
+            if absolute:
+                t = np.diag(memb @ np.abs(lk)) + memb @ (np.abs(gk)[:, None] * memb.T)
+                p[cols, cols] += np.abs(w).T @ t @ np.abs(w)
+                p[hid, hid] += t
+            else:
+                t = xp.diag(memb @ lk) + memb @ (gk[:, None] * memb.T)
+                p[cols, cols] += w.T @ t @ w
+                p[hid, hid] += -t
+            continue
+        alpha, beta = qc
+        lk = lam[offset:offset + w.shape[0]]
+        offset += w.shape[0]
+        wl = lk[:, None] * w  # T W
+        if absolute:
+            p[cols, cols] += abs(2.0 * alpha * beta) * (np.abs(w).T @ np.abs(wl))
+            p[hid, cols] += np.abs((alpha + beta) * wl)
+            p[cols, hid] += np.abs((alpha + beta) * wl).T
+            p[hid, hid] += np.diag(np.abs(2.0 * lk))
+        else:
+            p[cols, cols] += -2.0 * alpha * beta * (w.T @ wl)
+            p[hid, cols] += (alpha + beta) * wl  # (a + b) T W, block (hidden, cols)
+            p[cols, hid] += (alpha + beta) * wl.T
+            p[hid, hid] += xp.diag(-2.0 * lk)
+    w_last = weights[-1]
+    last = slice(d - w_last.shape[1], d)
+    p[last, last] += (np.abs(w_last).T @ np.abs(w_last)) if absolute else w_last.T @ w_last
+    return p
+
+
+def _equivalent_slopes(qc) -> tuple[float, float]:
+    """With gamma = 0 the GroupSort constraint is the slope constraint [-1, 1] (times 2)."""
+    return (-1.0, 1.0) if isinstance(qc, GroupQC) else qc
+
+
+def feasible_start(weights, slopes) -> np.ndarray:
+    """Per-layer multipliers that make the hidden block negative definite by block diagonal
+    dominance: t_{l-1} = 2 ||W_l||^2, t_k = 2 max(a^2, b^2)... ||W_{k+1}||^2 t_{k+1} (+ the
+    a b W^T T W term), so every hidden 2x2 block [[-t_k, c t_{k+1} W], ...] is < 0."""
+    sizes = [w.shape[0] for w in weights[:-1]]
+    t = [0.0] * len(sizes)
+    t[-1] = 2.0 * np.linalg.norm(weights[-1], 2) ** 2 + 1e-12
+    for k in range(len(sizes) - 2, -1, -1):
+        alpha, beta = _equivalent_slopes(slopes[k + 1])
+        nw = np.linalg.norm(weights[k + 1], 2) ** 2
+        t[k] = 4.0 * ((alpha + beta) ** 2 / 4.0 + abs(alpha * beta) + 1.0) * nw * t[k + 1] \
+            + 1e-12
+    parts = []
+    for tk, w, qc in zip(t, weights[:-1], slopes, strict=True):
+        if isinstance(qc, GroupQC):
+            n = qc.groups.shape[0]
+            parts.append(np.r_[np.full(n, 2.0 * tk), np.zeros(n)])
+        else:
+            parts.append(np.full(w.shape[0], tk))
+    return np.concatenate(parts)
+
+
+def rescale(weights: list[np.ndarray]) -> tuple[list[np.ndarray], float]:
+    """Scale each W_k by a power of two near 1 / ||W_k|| (exact in floating point).
+
+    f(x) = W_l phi(... phi(W_1 x)) with W_k = s_k V_k equals (prod s_k) g(x), where g uses
+    V_k and the activations psi_k(t) = phi(c t) / c for the product c of the scales before
+    them; psi_k has the same slope range, so LipSDP's bound for the V_k times prod s_k is a
+    bound for f. Keeps the SDP well conditioned (ACAS Xu's weights reach 1e7).
+    """
+    scaled, factor = [], 1.0
+    for w in weights:
+        norm = float(np.linalg.norm(w, 2))
+        e = 0 if norm == 0.0 else int(np.round(np.log2(norm)))
+        scaled.append(np.ldexp(w, -e))
+        factor = np.ldexp(factor, e)
+    return scaled, float(factor)
+
+
+def _compress(weights: list[np.ndarray]) -> list[np.ndarray]:
+    w1 = weights[0]
+    if w1.shape[1] <= w1.shape[0]:
+        return weights
+    _, r = np.linalg.qr(w1.T)  # W_1^T = Q R, Q orthonormal columns
+    return [r.T, *weights[1:]]
+
+
+def lmi_components(weights, slopes) -> list[tuple[int, int]]:
+    """Index ranges of M that are the diagonal blocks of its block-diagonal structure.
+
+    Hidden layer k couples to its input block only through the cross term (alpha + beta) T W
+    of a slope restriction; GroupSort constraints have no cross term, so M splits there and
+    the LMI becomes a chain of small ones (Pauli et al., ICLR 2024, Sec. 5)."""
+    n0, _, blocks = _structure(weights)
+    bounds = [(0, n0)] + [(n0 + row, n0 + row + w.shape[0]) for row, _, w in blocks]
+    comps: list[list[int]] = [[0]]
+    for k, qc in enumerate(slopes):
+        coupled = not isinstance(qc, GroupQC) and (qc[0] + qc[1]) != 0
+        if coupled:
+            comps[-1].append(k + 1)
+        else:
+            comps.append([k + 1])
+    return [(bounds[c[0]][0], bounds[c[-1]][1]) for c in comps]
+
+
+def lmi_expression(weights, slopes, v, groups: list[np.ndarray], rho, cp):
+    """The LMI matrix M(rho, T) as a cvxpy expression, built from :func:`assemble` (the same
+    code the certificate checks): M = sum_j v_j (P(e_j) - P(0)) + P(0) - rho E, P linear in
+    the multipliers; variable j sets the multiplier entries ``groups[j]``. ``rho`` is a
+    scalar (l2: rho I on the input block) or a vector tau (linf: diag(tau))."""
+    import scipy.sparse as sp
+
+    n_lam = sum(len(g) for g in groups)
+    n0 = weights[0].shape[1]
+    base = assemble(weights, slopes, np.zeros(n_lam))
+    d = base.shape[0]
+    cols, rows, vals = [], [], []
+    for j, idx in enumerate(groups):
+        lam = np.zeros(n_lam)
+        lam[idx] = 1.0
+        column = (assemble(weights, slopes, lam) - base).reshape(-1)
+        nz = np.flatnonzero(column)
+        rows.append(nz)
+        vals.append(column[nz])
+        cols.append(np.full(nz.size, j))
+    jac = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                        shape=(d * d, len(groups)))
+    lmi = cp.reshape(jac @ v, (d, d), order="C") + base
+    if rho.size == 1:
+        e_in = np.zeros((d, d))
+        e_in[:n0, :n0] = np.eye(n0)
+        return lmi - rho * e_in
+    diag = sp.csr_matrix((np.ones(n0), (np.arange(n0) * (d + 1), np.arange(n0))),
+                         shape=(d * d, n0))
+    return lmi - cp.reshape(diag @ rho, (d, d), order="C")
+

@@ -1,0 +1,212 @@
+"""Who proposes LipSDP multipliers: interior-point and splitting solvers through cvxpy, a
+first-order method on rho*(T) (Wang et al., ICLR 2024), ECLipsE-Fast's closed form (Xu and
+Sivaranjani, NeurIPS 2024), and the "auto" policy. A proposal proves nothing until
+:mod: checks it."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+
+from ...errors import MethodNotApplicable
+from .certificate import _certify_fixed
+from .lmi import (
+    GroupQC,
+    assemble,
+    feasible_start,
+    lmi_components,
+    lmi_expression,
+    nonneg_mask,
+    parameter_groups,
+)
+
+SCS_NEURONS = 320  # SCS in "auto" up to this many hidden neurons, first-order beyond
+SCS_AUTO_SECONDS = 15.0
+INTERIOR_POINT_SIZE = 40  # Clarabel in "auto" up to this LMI size (its cost grows like d^6)
+
+
+def propose_first_order(weights, slopes, form: str, iterations: int = 1000,
+                        time_limit: float = 60.0, start: np.ndarray | None = None):
+    """Minimise rho*(T) = lambda_max(P11 - P12 P22^{-1} P21) over T >= 0 (convex on its
+    domain, since it is the optimal rho of the LMI for fixed T) by Adam on log T, with a
+    smoothed max eigenvalue. Any T it returns is only a proposal: the certificate decides."""
+    import torch
+
+    ws = [torch.as_tensor(w, dtype=torch.float64) for w in weights]
+    n0 = weights[0].shape[1]
+    if start is not None:  # it must keep the hidden block negative definite, else use ours
+        start = np.where(nonneg_mask(weights, slopes), np.maximum(start, 0.0), start)
+        hidden = -assemble(weights, slopes, start)[n0:, n0:]
+        if np.linalg.eigvalsh((hidden + hidden.T) / 2)[0] <= 0:
+            start = None
+    if start is None:
+        start = feasible_start(weights, slopes)
+    positive = nonneg_mask(weights, slopes)
+    groups = parameter_groups(weights, slopes, form)
+    index = [g[0] for g in groups]
+    scatter = np.zeros(len(start), dtype=np.int64)
+    for j, g in enumerate(groups):
+        scatter[g] = j
+    pos = torch.as_tensor(positive[index])
+    init = np.where(positive[index], np.log(np.maximum(start[index], 1e-300)), start[index])
+    u = torch.tensor(init, dtype=torch.float64, requires_grad=True)
+    scatter_t = torch.as_tensor(scatter)
+
+    def multipliers(v):
+        return torch.where(pos, torch.exp(v), v)[scatter_t]
+
+    opt = torch.optim.Adam([u], lr=0.2)
+    best, best_u = np.inf, u.detach().clone()
+    t0 = time.perf_counter()
+    for it in range(iterations):
+        p = assemble(ws, slopes, multipliers(u), xp=torch)
+        chol, info = torch.linalg.cholesky_ex(-p[n0:, n0:])
+        if int(info) != 0:  # left the domain: step back towards the last good point
+            with torch.no_grad():
+                u.copy_((u + best_u) / 2)
+            continue
+        y = torch.linalg.solve_triangular(chol, p[n0:, :n0], upper=False)
+        schur = p[:n0, :n0] + y.T @ y
+        eig = torch.linalg.eigvalsh((schur + schur.T) / 2)
+        value = float(eig[-1].detach())
+        if value < best:
+            best, best_u = value, u.detach().clone()
+        sharp = 50.0 * (1 + it / 50) / max(abs(value), 1e-300)
+        loss = torch.logsumexp(sharp * eig, 0) / sharp
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if time.perf_counter() - t0 > time_limit:
+            break
+    with torch.no_grad():
+        lam = multipliers(best_u).numpy()
+    return lam, {"status": f"first-order ({it + 1} steps)",
+                 "solve_s": time.perf_counter() - t0}
+
+
+def solve_lipsdp(weights, slopes, form: str, solver: str, time_limit: float,
+                 norm: str = "2", start: np.ndarray | None = None):
+    """Solve the SDP; returns the multiplier vector and solver info.
+
+    ``norm`` "inf" (for a single output row): minimise sum(tau) with diag(tau) in place of
+    rho I, as in the linf LipSDP of Wang et al. (ICLR 2024) and Pauli et al. (ICLR 2024,
+    Sec. 4.3); the input weights tau are returned in ``info["input_weights"]``."""
+    if solver.lower() == "firstorder":
+        if norm != "2":
+            raise MethodNotApplicable("the first-order proposer is l2 only")
+        return propose_first_order(weights, slopes, form, time_limit=time_limit, start=start)
+    import cvxpy as cp
+
+    groups = parameter_groups(weights, slopes, form)
+    positive = nonneg_mask(weights, slopes)
+    v = cp.Variable(len(groups))
+    rho = cp.Variable() if norm == "2" else cp.Variable(weights[0].shape[1], nonneg=True)
+    m = lmi_expression(weights, slopes, v, groups, rho, cp)
+    sym = (m + m.T) / 2
+    constraints = [sym[a:b, a:b] << 0 for a, b in lmi_components(weights, slopes)]
+    signed = [j for j, g in enumerate(groups) if positive[g[0]]]
+    if signed:
+        constraints.append(v[signed] >= 0)
+    problem = cp.Problem(cp.Minimize(rho if norm == "2" else cp.sum(rho)), constraints)
+    kwargs: dict[str, Any] = {}
+    if solver.upper() == "CLARABEL":
+        kwargs = {"time_limit": time_limit}
+    elif solver.upper() == "SCS":
+        kwargs = {"time_limit_secs": time_limit, "eps_abs": 1e-5, "eps_rel": 1e-5,
+                  "max_iters": 200_000}
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings():  # "may be inaccurate": the certificate decides
+            warnings.simplefilter("ignore")
+            problem.solve(solver=solver.upper(), **kwargs)
+    except Exception as exc:  # solver failure: no multipliers
+        return None, {"status": f"solver error: {exc}", "solve_s": time.perf_counter() - start}
+    info = {"status": problem.status, "solve_s": time.perf_counter() - start}
+    if v.value is None:
+        return None, info
+    values = np.zeros(len(positive))
+    for j, idx in enumerate(groups):
+        values[idx] = float(v.value[j])
+    if norm != "2":
+        if rho.value is None:
+            return None, info
+        info["input_weights"] = np.maximum(np.asarray(rho.value, dtype=np.float64), 0.0)
+    return values, info
+
+
+def auto_proposers(size: int, n_hidden: int, split_lmi: bool, norm: str,
+                   slopes: list) -> list[str]:
+    """Who proposes multipliers in ``solver=auto`` (measured, bench/results/lipsdp.txt):
+    Clarabel for a single small LMI (interior point, accurate, cost ~ size^6), SCS up to
+    :data:`SCS_NEURONS` hidden neurons (and always for a chain of small LMIs, where Clarabel
+    fails at the boundary-feasible optimum); beyond (l2 only), ECLipsE-Fast's certified
+    multipliers where its slopes allow, then the first-order method started from them (on
+    deep chains first-order alone was measured 2-3x worse than SCS)."""
+    if size <= INTERIOR_POINT_SIZE and not split_lmi:
+        return ["clarabel"]
+    if norm != "2":
+        return ["scs"]
+    if n_hidden <= SCS_NEURONS:
+        return ["scs"]
+    return ["eclipse-fast", "firstorder"] if eclipse_applies(slopes) else ["firstorder"]
+
+
+def eclipse_applies(slopes) -> bool:
+    """ECLipsE-Fast's closed form needs slope ranges [0, beta] (no GroupSort)."""
+    return all(not isinstance(q, GroupQC) and q[0] == 0.0 for q in slopes)
+
+
+def eclipse_fast_multipliers(weights, slopes) -> np.ndarray:
+    """ECLipsE-Fast (Xu and Sivaranjani, NeurIPS 2024, Alg. 2) for slopes [0, beta]:
+    X_0 = I, l_i = 1 / (2 m^2 lambda_max(W_i X_{i-1}^{-1} W_i^T)), m = beta / 2,
+    X_i = l_i I - l_i^2 m^2 W_i X_{i-1}^{-1} W_i^T. Returns the layer multipliers l_i
+    (repeated per neuron); the bound itself comes from the certificate check."""
+    x_prev = np.eye(weights[0].shape[1])
+    lam = []
+    for w, qc in zip(weights[:-1], slopes, strict=True):
+        if isinstance(qc, GroupQC) or qc[0] != 0.0:
+            raise MethodNotApplicable("lipsdp form eclipse-fast needs slope ranges [0, beta] "
+                                      "(ReLU, Sigmoid, Tanh, Clip)")
+        m = qc[1] / 2.0
+        k = w @ np.linalg.solve(x_prev, w.T)
+        k = (k + k.T) / 2
+        li = 1.0 / (2.0 * m * m * float(np.linalg.eigvalsh(k)[-1]))
+        x_prev = li * np.eye(w.shape[0]) - li * li * m * m * k
+        lam.append(np.full(w.shape[0], li))
+    return np.concatenate(lam)
+
+
+def _eclipse_certificate(weights, slopes):
+    """Certify the ECLipsE-Fast direction T: rho*(c T) is convex in c, so a golden-section
+    search on log c finds the best scale; every value is a checked certificate. Returns
+    (rho, why, multipliers) with rho None when no scale was certified."""
+    direction = eclipse_fast_multipliers(weights, slopes)
+    best: tuple[float | None, str, np.ndarray | None] = (None, "no scale certified", None)
+
+    def value(log_c: float) -> float:
+        nonlocal best
+        lam = math.exp(log_c) * direction
+        rho, why = _certify_fixed(weights, slopes, lam)
+        if rho is not None and (best[0] is None or rho < best[0]):
+            best = (rho, why, lam)
+        return math.inf if rho is None else rho
+
+    lo, hi = -30.0, 30.0
+    golden = (math.sqrt(5) - 1) / 2
+    a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
+    fa, fb = value(a), value(b)
+    for _ in range(60):
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = hi - golden * (hi - lo)
+            fa = value(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + golden * (hi - lo)
+            fb = value(b)
+    return best
+
