@@ -237,17 +237,11 @@ def _check_method(method: str, norm: str) -> Estimator:
     return estimator
 
 
-def certify(graph: Graph, x: np.ndarray, y: np.ndarray, *, eps: float, method: str = "naive",
-            norm: str = "2", options: dict | None = None,
-            progress: Callable[[int, int], None] | None = None,
-            self_check: bool = True) -> Certification:
-    """Certified radius of every sample from logit-difference bounds (see the module doc)."""
-    eps = parse_eps(eps)
-    estimator = _check_method(method, norm)
-    options = dict(options or {})
-    box_scoped = estimator.scope == "box"
-    if box_scoped and not eps > 0:
-        raise InputError(f"method {method} bounds each sample's box x +- eps: give --eps > 0")
+def _check_data(graph: Graph, x: np.ndarray, y: np.ndarray,
+                domain: tuple[float, float] | None) -> tuple[np.ndarray, int]:
+    """Inputs reshaped to the model's and the number of classes; InputError for anything
+    that cannot be certified (non-finite values, labels out of range, samples off the
+    domain of a box-scoped method)."""
     x = np.asarray(x, dtype=np.float64)
     if not np.all(np.isfinite(x)):
         raise InputError("the data contain NaN or infinite values")
@@ -257,7 +251,6 @@ def certify(graph: Graph, x: np.ndarray, y: np.ndarray, *, eps: float, method: s
         raise InputError(f"the model has {n_classes} output; certification needs class logits")
     if y.min() < 0 or y.max() >= n_classes:
         raise InputError(f"labels must be in [0, {n_classes - 1}] (got {y.min()}..{y.max()})")
-    domain = parse_domain(options.get("domain")) if box_scoped else None
     if domain is not None:
         flat = x.reshape(len(x), -1)
         outside = np.flatnonzero(((flat < domain[0]) | (flat > domain[1])).any(axis=1))
@@ -265,18 +258,30 @@ def certify(graph: Graph, x: np.ndarray, y: np.ndarray, *, eps: float, method: s
             raise InputError(f"{outside.size} samples lie outside the domain [{domain[0]:g}, "
                              f"{domain[1]:g}] (first: sample {int(outside[0])}); a box clipped "
                              "to the domain would not contain them: fix the data or the domain")
+    return x, n_classes
+
+
+@dataclass
+class _Evaluation:
+    """Logits (float64 IR), predictions (onnxruntime) and the float32 slack on margins."""
+
+    logits: np.ndarray
+    predictions: np.ndarray
+    slack: float
+    runtime: _Onnxruntime | None
+    notes: list[str]
+
+
+def _evaluate(graph: Graph, x: np.ndarray) -> _Evaluation:
     with torch.no_grad():
         logits = evaluate.run_batch(graph, torch.as_tensor(x)).reshape(len(x), -1).numpy()
     logits = poison("certify.logits", logits)
-    notes = []
     path = graph.meta.get("path")
     runtime = _Onnxruntime(path) if path else None
     if runtime is not None:
-        run_logits = runtime.logits(x)
-        notes.append("predictions are onnxruntime's")
+        run_logits, notes = runtime.logits(x), ["predictions are onnxruntime's"]
     else:
-        run_logits = logits
-        notes.append("no ONNX file: predictions from the float64 IR")
+        run_logits, notes = logits, ["no ONNX file: predictions from the float64 IR"]
     finite = np.isfinite(logits).all(axis=1) & np.isfinite(run_logits).all(axis=1)
     if not finite.all():
         notes.append(f"{int((~finite).sum())} samples have non-finite logits: not certified")
@@ -286,6 +291,23 @@ def certify(graph: Graph, x: np.ndarray, y: np.ndarray, *, eps: float, method: s
     slack = 2.0 * (4.0 * diff + 16.0 * 2.0**-24 * top)
     notes.append(f"margins reduced by {slack:.2e} for float32 evaluation error (assumed: 4x "
                  "the onnxruntime/float64 difference on the data plus 16 float32 ulps)")
+    return _Evaluation(logits, predictions, slack, runtime, notes)
+
+
+def certify(graph: Graph, x: np.ndarray, y: np.ndarray, *, eps: float, method: str = "naive",
+            norm: str = "2", options: dict | None = None,
+            progress: Callable[[int, int], None] | None = None,
+            self_check: bool = True) -> Certification:
+    """Certified radius of every sample from logit-difference bounds (see the module doc)."""
+    eps = parse_eps(eps)
+    estimator = _check_method(method, norm)
+    options = dict(options or {})
+    box_scoped = estimator.accepts_region
+    if box_scoped and not eps > 0:
+        raise InputError(f"method {method} bounds each sample's box x +- eps: give --eps > 0")
+    domain = parse_domain(options.get("domain")) if box_scoped else None
+    x, n_classes = _check_data(graph, x, y, domain)
+    ev = _evaluate(graph, x)
     cap = eps if box_scoped else math.inf
     if box_scoped:
         options = {**estimator.certify_defaults, **options}
@@ -294,14 +316,14 @@ def certify(graph: Graph, x: np.ndarray, y: np.ndarray, *, eps: float, method: s
         pair_bounds = pairwise_lipschitz(graph, method, norm, n_classes, options, progress,
                                          self_check)
     radii, margins = np.zeros(len(x)), np.zeros(len(x))
-    boxes, box_queries, box_uppers = [], [], []
-    for i, (label, pred) in enumerate(zip(y, predictions, strict=True)):
+    boxes: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    for i, (label, pred) in enumerate(zip(y, ev.predictions, strict=True)):
         if box_scoped and progress:
             progress(i, len(x))
         if pred != label:
             continue
         others = np.array([j for j in range(n_classes) if j != label])
-        diffs = logits[i, label] - logits[i, others] - slack
+        diffs = ev.logits[i, label] - ev.logits[i, others] - ev.slack
         margins[i] = float(diffs.min()) if np.all(np.isfinite(diffs)) else -math.inf
         if not margins[i] > 0:
             continue
@@ -309,37 +331,47 @@ def certify(graph: Graph, x: np.ndarray, y: np.ndarray, *, eps: float, method: s
             lips, box, c = _box_bounds(graph, method, norm, x[i], eps, label, others,
                                        n_classes, options)
             pair_bounds[label, others] = np.maximum(pair_bounds[label, others], lips)
-            boxes.append(box)
-            box_queries.append(c)
-            box_uppers.append(lips)
+            boxes.append((*box, c, lips))
         else:
             lips = pair_bounds[label, others]
         radii[i] = certified_radius(diffs, lips, cap)
-    if box_scoped and progress:
-        progress(len(x), len(x))
+    notes = list(ev.notes)
     if box_scoped:
+        if progress:
+            progress(len(x), len(x))
         notes.append(f"{method} bounds on each sample's box x +- {eps:g} (linf); radii are "
                      "capped at eps; pair bounds shown are the largest over the samples")
-    cert = Certification(method, norm, eps, y, predictions, margins, radii, pair_bounds,
-                         slack, notes + list(graph.notes), radius_cap=cap)
-    if self_check and boxes:  # every box's bounds against its centre and a corner
-        cert.details["box_check"] = check_boxes(graph, method, norm, boxes,
-                                                np.stack(box_queries), np.stack(box_uppers))
+    cert = Certification(method, norm, eps, y, ev.predictions, margins, radii, pair_bounds,
+                         ev.slack, notes + list(graph.notes), radius_cap=cap)
     if self_check:
-        predict = (lambda pts: runtime.logits(pts.reshape(len(pts), *graph.input_shape))
-                   .argmax(axis=1)) if runtime is not None else (
-            lambda pts: evaluate.run_batch(graph, torch.as_tensor(pts).reshape(
-                len(pts), *graph.input_shape)).reshape(len(pts), -1).numpy().argmax(axis=1))
-        certified = np.where(cert.correct, np.minimum(radii, cap), 0.0)
-        cert.details["attack_check"] = check_certified(graph, x, y, certified, norm, predict,
-                                                       domain)
-        cert.notes.append(f"soundness self-check: {cert.details['attack_check']['attacked']} "
-                          "certified samples attacked inside their radius with onnxruntime, "
-                          "none flipped")
+        _self_check(graph, cert, x, ev.runtime, boxes, domain)
     else:
         cert.notes.append("soundness self-check skipped (--no-self-check): certified samples "
                           "were not attacked")
     return cert
+
+
+def _self_check(graph: Graph, cert: Certification, x: np.ndarray,
+                runtime: _Onnxruntime | None, boxes: list, domain) -> None:
+    """Box bounds against their boxes' centres and corners; certified samples attacked."""
+    if boxes:
+        cert.details["box_check"] = check_boxes(
+            graph, cert.method, cert.norm, [(lo, hi) for lo, hi, _, _ in boxes],
+            np.stack([c for *_, c, _ in boxes]), np.stack([u for *_, u in boxes]))
+
+    def predict(pts: np.ndarray) -> np.ndarray:
+        pts = pts.reshape(len(pts), *graph.input_shape)
+        if runtime is not None:
+            return runtime.logits(pts).argmax(axis=1)
+        return evaluate.run_batch(graph, torch.as_tensor(pts)).reshape(
+            len(pts), -1).numpy().argmax(axis=1)
+
+    certified = np.where(cert.correct, np.minimum(cert.radii, cert.radius_cap), 0.0)
+    cert.details["attack_check"] = check_certified(graph, x, cert.labels, certified, cert.norm,
+                                                   predict, domain)
+    cert.notes.append(f"soundness self-check: {cert.details['attack_check']['attacked']} "
+                      "certified samples attacked inside their radius with onnxruntime, "
+                      "none flipped")
 
 
 def _box_bounds(graph: Graph, method: str, norm: str, x: np.ndarray, eps: float, label: int,

@@ -100,13 +100,11 @@ def _row_coeffs(w_row: np.ndarray, inputs: list[int | None]) -> dict[int, float]
     return {j: float(v) for j, v in zip(inputs, w_row, strict=True) if j is not None and v != 0}
 
 
-def lipmip_output(layers, low, high, output: int, time_limit: float) -> tuple[float, float, str]:
-    """(dual bound, incumbent, status) of max_x ||grad f_output(x)||_1 on the box."""
-    prog = _Program()
-    pre = interval_bounds(layers, low, high)
-    x = [prog.var(float(lo), float(hi)) for lo, hi in zip(low, high, strict=True)]
-    prev = x
-    patterns = []  # per hidden layer: list of (kind, var) with kind in {"on", "off", "bin"}
+def _forward_relus(prog: _Program, layers, pre, x: list[int]) -> list[list[tuple]]:
+    """ReLU layers with big-M constraints from the interval bounds ``pre``; per hidden layer
+    the pattern [(kind, binary var)], kind in {"on", "off", "bin"}."""
+    prev: list[int | None] = list(x)
+    patterns = []
     for (w, b), (zl, zu) in zip(layers[:-1], pre, strict=True):
         h, pattern = [], []
         for k in range(w.shape[0]):
@@ -131,69 +129,59 @@ def lipmip_output(layers, low, high, output: int, time_limit: float) -> tuple[fl
             h.append(hv)
         patterns.append(pattern)
         prev = h  # neurons fixed off (None) contribute nothing downstream
+    return patterns
 
-    # backward pass: v = gradient w.r.t. the current hidden layer's output (constant at start)
-    v_const = layers[-1][0][output].astype(np.float64)
-    v_vars: list[int] | None = None
-    v_lo = v_hi = v_const
-    grad_vars: list[tuple[dict, float]] | None = None
-    for depth in range(len(layers) - 2, -1, -1):
-        pattern = patterns[depth]
-        w = layers[depth][0]
-        p_terms: list[tuple[dict, float]] = []  # p_k as affine expressions
-        for k, (kind, a) in enumerate(pattern):
-            if kind == "off":
-                p_terms.append(({}, 0.0))
-            elif v_vars is None:
-                if kind == "on":
-                    p_terms.append(({}, float(v_const[k])))
-                else:
-                    p_terms.append(({a: float(v_const[k])}, 0.0))
-            elif kind == "on":
-                p_terms.append(({v_vars[k]: 1.0}, 0.0))
-            else:
-                lo, hi = float(v_lo[k]), float(v_hi[k])
-                p = prog.var(min(lo, 0.0), max(hi, 0.0))
-                vk = v_vars[k]
-                prog.row({p: 1.0, a: -hi}, -np.inf, 0.0)
-                prog.row({p: 1.0, a: -lo}, 0.0, np.inf)
-                prog.row({p: 1.0, vk: -1.0, a: -lo}, -np.inf, -lo)
-                prog.row({p: 1.0, vk: -1.0, a: -hi}, -hi, np.inf)
-                p_terms.append(({p: 1.0}, 0.0))
-        # interval bounds of p, then v_{prev} = W^T p
-        p_lo = np.array([min(0.0, float(v_lo[k])) if kind == "bin" else
-                         (0.0 if kind == "off" else float(v_lo[k]))
-                         for k, (kind, _) in enumerate(pattern)])
-        p_hi = np.array([max(0.0, float(v_hi[k])) if kind == "bin" else
-                         (0.0 if kind == "off" else float(v_hi[k]))
-                         for k, (kind, _) in enumerate(pattern)])
-        wt = w.T
-        new_lo = np.maximum(wt, 0) @ p_lo + np.minimum(wt, 0) @ p_hi
-        new_hi = np.maximum(wt, 0) @ p_hi + np.minimum(wt, 0) @ p_lo
-        exprs = []
-        for j in range(wt.shape[0]):
-            coeffs: dict[int, float] = {}
-            const = 0.0
-            for k in np.flatnonzero(wt[j]):
-                pc, pk = p_terms[k]
-                for var, val in pc.items():
-                    coeffs[var] = coeffs.get(var, 0.0) + float(wt[j, k]) * val
-                const += float(wt[j, k]) * pk
-            exprs.append((coeffs, const))
-        if depth == 0:
-            grad_vars = exprs
-            v_lo, v_hi = new_lo, new_hi
-            break
-        v_vars = []
-        for j, (coeffs, const) in enumerate(exprs):
-            var = prog.var(float(new_lo[j]), float(new_hi[j]))
-            prog.row({**{c: -v for c, v in coeffs.items()}, var: 1.0}, const, const)
-            v_vars.append(var)
-        v_lo, v_hi = new_lo, new_hi
-    if grad_vars is None:  # no hidden layer: an affine map
-        row = layers[0][0][output]
-        value = float(np.abs(row).sum())
-        return value, value, "affine"
+
+def _products(prog: _Program, pattern, v_vars, v_const, v_lo, v_hi) -> list[tuple[dict, float]]:
+    """p_k = a_k v_k as affine expressions (McCormick, exact for a binary a_k)."""
+    p_terms: list[tuple[dict, float]] = []
+    for k, (kind, a) in enumerate(pattern):
+        if kind == "off":
+            p_terms.append(({}, 0.0))
+        elif v_vars is None:
+            p_terms.append(({}, float(v_const[k])) if kind == "on" else
+                           ({a: float(v_const[k])}, 0.0))
+        elif kind == "on":
+            p_terms.append(({v_vars[k]: 1.0}, 0.0))
+        else:
+            lo, hi = float(v_lo[k]), float(v_hi[k])
+            p = prog.var(min(lo, 0.0), max(hi, 0.0))
+            vk = v_vars[k]
+            prog.row({p: 1.0, a: -hi}, -np.inf, 0.0)
+            prog.row({p: 1.0, a: -lo}, 0.0, np.inf)
+            prog.row({p: 1.0, vk: -1.0, a: -lo}, -np.inf, -lo)
+            prog.row({p: 1.0, vk: -1.0, a: -hi}, -hi, np.inf)
+            p_terms.append(({p: 1.0}, 0.0))
+    return p_terms
+
+
+def _transpose_step(w: np.ndarray, pattern, p_terms, v_lo, v_hi):
+    """v_prev = W^T p as affine expressions, with interval bounds."""
+    kinds = [kind for kind, _ in pattern]
+
+    def bounds(v, pick):  # p = a v with a in {0, 1} for "bin", 1 for "on", 0 for "off"
+        return np.array([pick(0.0, float(v[k])) if kind == "bin" else
+                         (0.0 if kind == "off" else float(v[k])) for k, kind in enumerate(kinds)])
+
+    p_lo, p_hi = bounds(v_lo, min), bounds(v_hi, max)
+    wt = w.T
+    new_lo = np.maximum(wt, 0) @ p_lo + np.minimum(wt, 0) @ p_hi
+    new_hi = np.maximum(wt, 0) @ p_hi + np.minimum(wt, 0) @ p_lo
+    exprs = []
+    for j in range(wt.shape[0]):
+        coeffs: dict[int, float] = {}
+        const = 0.0
+        for k in np.flatnonzero(wt[j]):
+            pc, pk = p_terms[k]
+            for var, val in pc.items():
+                coeffs[var] = coeffs.get(var, 0.0) + float(wt[j, k]) * val
+            const += float(wt[j, k]) * pk
+        exprs.append((coeffs, const))
+    return exprs, new_lo, new_hi
+
+
+def _l1_objective(prog: _Program, grad_vars, v_lo, v_hi) -> None:
+    """Maximise sum_j |g_j|: t_j <= |g_j| with one sign binary where g_j changes sign."""
     for j, (coeffs, const) in enumerate(grad_vars):
         lo, hi = float(v_lo[j]), float(v_hi[j])
         big = max(abs(lo), abs(hi))
@@ -210,8 +198,9 @@ def lipmip_output(layers, low, high, output: int, time_limit: float) -> tuple[fl
             prog.row({**neg, t: 1.0, s: 2 * big}, -np.inf, const + 2 * big)
             prog.row({**coeffs, t: 1.0, s: -2 * big}, -np.inf, -const)
         prog.objective[t] = 1.0
-    if not prog.objective:
-        return 0.0, 0.0, "zero"
+
+
+def _solve(prog: _Program, time_limit: float) -> tuple[float, float, str]:
     res = prog.solve(time_limit)
     dual = getattr(res, "mip_dual_bound", None)
     if res.x is None:
@@ -222,6 +211,35 @@ def lipmip_output(layers, low, high, output: int, time_limit: float) -> tuple[fl
     dual = -float(dual) if dual is not None and np.isfinite(dual) else incumbent
     status = "optimal" if res.status == 0 else res.message
     return max(dual, incumbent), incumbent, status
+
+
+def lipmip_output(layers, low, high, output: int, time_limit: float) -> tuple[float, float, str]:
+    """(dual bound, incumbent, status) of max_x ||grad f_output(x)||_1 on the box."""
+    if len(layers) == 1:  # no hidden layer: an affine map
+        value = float(np.abs(layers[0][0][output]).sum())
+        return value, value, "affine"
+    prog = _Program()
+    x = [prog.var(float(lo), float(hi)) for lo, hi in zip(low, high, strict=True)]
+    patterns = _forward_relus(prog, layers, interval_bounds(layers, low, high), x)
+    # backward pass: v = gradient w.r.t. the current hidden layer's output (constant at start)
+    v_const = layers[-1][0][output].astype(np.float64)
+    v_vars: list[int] | None = None
+    v_lo = v_hi = v_const
+    for depth in range(len(layers) - 2, -1, -1):
+        p_terms = _products(prog, patterns[depth], v_vars, v_const, v_lo, v_hi)
+        exprs, v_lo, v_hi = _transpose_step(layers[depth][0], patterns[depth], p_terms,
+                                            v_lo, v_hi)
+        if depth == 0:
+            break
+        v_vars = []
+        for j, (coeffs, const) in enumerate(exprs):
+            var = prog.var(float(v_lo[j]), float(v_hi[j]))
+            prog.row({**{c: -v for c, v in coeffs.items()}, var: 1.0}, const, const)
+            v_vars.append(var)
+    _l1_objective(prog, exprs, v_lo, v_hi)
+    if not prog.objective:
+        return 0.0, 0.0, "zero"
+    return _solve(prog, time_limit)
 
 
 @dataclass(frozen=True)

@@ -31,44 +31,46 @@ class NoSettings:
     """A method without settings."""
 
 
-def _coerce(method: str, name: str, kind: type, value: Any) -> Any:
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise InputError(f"method {method}: setting {name}={value!r} must be true or false")
-    if kind is int:
-        if isinstance(value, bool):
-            raise InputError(f"method {method}: setting {name}={value!r} must be an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
+def _as_bool(method: str, name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise InputError(f"method {method}: setting {name}={value!r} must be true or false")
+
+
+def _as_int(method: str, name: str, value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
             return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise InputError(f"method {method}: setting {name}={value!r} must be an integer")
-    if kind is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            result = float(value)
-        else:
-            try:
-                result = float(value)
-            except (TypeError, ValueError):
-                raise InputError(f"method {method}: setting {name}={value!r} must be a "
-                                 "number") from None
-        if not math.isfinite(result):
-            raise InputError(f"method {method}: setting {name}={value!r} must be finite")
-        return result
+        except ValueError:
+            pass
+    raise InputError(f"method {method}: setting {name}={value!r} must be an integer")
+
+
+def _as_float(method: str, name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise InputError(f"method {method}: setting {name}={value!r} must be a number")
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"method {method}: setting {name}={value!r} must be a number") from None
+    if not math.isfinite(result):
+        raise InputError(f"method {method}: setting {name}={value!r} must be finite")
+    return result
+
+
+def _as_str(method: str, name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise InputError(f"method {method}: setting {name}={value!r} must be a string")
     return value.lower()
 
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+_COERCE = {"int": _as_int, "float": _as_float, "str": _as_str, "bool": _as_bool}
 
 
 def parse_settings(method: str, cls: type, options: dict[str, Any]) -> Any:
@@ -83,8 +85,7 @@ def parse_settings(method: str, cls: type, options: dict[str, Any]) -> Any:
     for name, f in known.items():
         if name not in options or options[name] is None:
             continue
-        kind = _TYPES[str(f.type).split(" | ")[0]]
-        value = _coerce(method, name, kind, options[name])
+        value = _COERCE[str(f.type).split(" | ")[0]](method, name, options[name])
         meta = f.metadata
         if meta.get("choices") and value not in meta["choices"]:
             raise InputError(f"method {method}: setting {name}={value!r} is not one of "

@@ -103,6 +103,41 @@ def concrete_input_shape(spec: onnx.ValueInfoProto) -> tuple[tuple[int, ...], li
     return tuple(dims), notes
 
 
+def _import_node(ctx: ImportContext, node: onnx.NodeProto, model: onnx.ModelProto,
+                 problems: list[UnsupportedNode]) -> None:
+    """Fold a node with constant inputs, hand the others to their handler; an unsupported
+    node is recorded and poisons its outputs (so what depends on it is named too)."""
+    ctx.node = node
+    present = [i for i in node.input if i]
+    if any(i in ctx.poisoned for i in present):
+        # downstream of an unsupported node: still name it if lipcert cannot handle it
+        if node.domain not in ("", "ai.onnx") or node.op_type not in HANDLERS:
+            problems.append(UnsupportedNode(node.op_type, ctx.node_name,
+                                            "no handler for this op"))
+        ctx.poisoned.update(node.output)
+        return
+    unknown = [i for i in present if i not in ctx.data and i not in ctx.consts]
+    if unknown:
+        raise InputError(f"node {ctx.node_name!r} ({node.op_type}) reads {unknown}, which "
+                         "no earlier node produces (graph not topologically sorted?)")
+    try:
+        if node.domain not in ("", "ai.onnx"):
+            raise Unsupported(f"op from domain {node.domain!r}")
+        if all(i in ctx.consts for i in present):
+            values = [ctx.consts[i] if i else None for i in node.input]
+            for k, value in enumerate(_fold(node, values, model)):
+                if k < len(node.output) and node.output[k]:
+                    ctx.consts[node.output[k]] = np.asarray(value)
+            return
+        handler = HANDLERS.get(node.op_type)
+        if handler is None:
+            raise Unsupported("no handler for this op")
+        handler(ctx)
+    except Unsupported as exc:
+        problems.append(UnsupportedNode(node.op_type, ctx.node_name, str(exc)))
+        ctx.poisoned.update(node.output)
+
+
 def build_graph(model: onnx.ModelProto) -> Graph:
     """Import ``model``; raises UnsupportedOpsError listing every unsupported node."""
     opset = default_opset(model)
@@ -125,35 +160,7 @@ def build_graph(model: onnx.ModelProto) -> Graph:
     ctx.data[spec.name] = Data(torch.zeros(input_shape, dtype=torch.float64))
     problems: list[UnsupportedNode] = []
     for node in g.node:
-        ctx.node = node
-        present = [i for i in node.input if i]
-        if any(i in ctx.poisoned for i in present):
-            # downstream of an unsupported node: still name it if lipcert cannot handle it
-            if node.domain not in ("", "ai.onnx") or node.op_type not in HANDLERS:
-                problems.append(UnsupportedNode(node.op_type, ctx.node_name,
-                                                "no handler for this op"))
-            ctx.poisoned.update(node.output)
-            continue
-        unknown = [i for i in present if i not in ctx.data and i not in ctx.consts]
-        if unknown:
-            raise InputError(f"node {ctx.node_name!r} ({node.op_type}) reads {unknown}, which "
-                             "no earlier node produces (graph not topologically sorted?)")
-        try:
-            if node.domain not in ("", "ai.onnx"):
-                raise Unsupported(f"op from domain {node.domain!r}")
-            if all(i in ctx.consts for i in present):
-                values = [ctx.consts[i] if i else None for i in node.input]
-                for k, value in enumerate(_fold(node, values, model)):
-                    if k < len(node.output) and node.output[k]:
-                        ctx.consts[node.output[k]] = np.asarray(value)
-                continue
-            handler = HANDLERS.get(node.op_type)
-            if handler is None:
-                raise Unsupported("no handler for this op")
-            handler(ctx)
-        except Unsupported as exc:
-            problems.append(UnsupportedNode(node.op_type, ctx.node_name, str(exc)))
-            ctx.poisoned.update(node.output)
+        _import_node(ctx, node, model, problems)
     if problems:
         raise UnsupportedOpsError(problems)
     out = g.output[0].name

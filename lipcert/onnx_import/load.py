@@ -44,6 +44,23 @@ def _external_tensors(model: onnx.ModelProto):
 
 def read_model(path: str | Path) -> onnx.ModelProto:
     """Parse ``path`` into a ModelProto or raise :class:`InputError` with one clear line."""
+    data = _read_bounded(path)
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise InputError(
+            f"{path}: not a readable ONNX model ({type(exc).__name__}); "
+            "is the file truncated or of another format?"
+        ) from None
+    if not model.graph.node:
+        raise InputError(f"{path}: the model's graph is empty (no nodes); is this an ONNX model?")
+    _load_external_data(path, model)
+    return model
+
+
+def _read_bounded(path: str | Path) -> bytes:
+    """The bytes of a regular file of at most ``max_model_bytes()``: a pipe, a device or a
+    directory is refused before any read, and the read itself is bounded."""
     p = Path(path)
     try:
         exists, is_dir, is_file = p.exists(), p.is_dir(), p.is_file()
@@ -71,16 +88,12 @@ def read_model(path: str | Path) -> onnx.ModelProto:
                          "larger models")
     if not data:
         raise InputError(f"{path}: the file is empty")
-    try:
-        model = onnx.load_model_from_string(data)
-    except Exception as exc:  # protobuf raises DecodeError and friends
-        raise InputError(
-            f"{path}: not a readable ONNX model ({type(exc).__name__}); "
-            "is the file truncated or of another format?"
-        ) from None
-    if not model.graph.node:
-        raise InputError(f"{path}: the model's graph is empty (no nodes); is this an ONNX model?")
-    folder = p.resolve().parent
+    return data
+
+
+def _load_external_data(path: str | Path, model: onnx.ModelProto) -> None:
+    """External tensor data, read only from the model's own folder."""
+    folder = Path(path).resolve().parent
     has_external = False
     for tensor in _external_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
@@ -103,4 +116,3 @@ def read_model(path: str | Path) -> onnx.ModelProto:
             external_data_helper.load_external_data_for_model(model, str(folder))
         except Exception as exc:
             raise InputError(f"{path}: cannot read external tensor data: {exc}") from None
-    return model

@@ -118,12 +118,9 @@ CANDIDATES = {
 }
 
 
-def merged_residual_conv(node: Node, graph: Graph) -> tuple[str, O.Conv] | None:
-    """An Add of linear convs of one value s (each used only here) and of s itself, as one
-    Conv on s (same stride and dilation; s itself needs stride 1): the exact merged operator,
-    e.g. I + W for a residual block with a linear branch."""
-    if not isinstance(node.op, O.Add):
-        return None
+def _residual_terms(node: Node, graph: Graph) -> tuple[str, list, float] | None:
+    """(s, [(coeff, conv)], identity coefficient) when every input of the Add is a conv of
+    one value s used only here, or s itself; else None."""
     users = graph.consumers()
     src, convs, identity = None, [], 0.0
     for coeff, value in zip(node.op.coeffs, node.inputs, strict=True):
@@ -137,44 +134,60 @@ def merged_residual_conv(node: Node, graph: Graph) -> tuple[str, O.Conv] | None:
         if src not in (None, s):
             return None
         src = s
-    if not convs:
-        return None
-    stride, dilation = convs[0][1].stride, convs[0][1].dilation
-    if any(c.stride != stride or c.dilation != dilation or c.groups != 1 for _, c in convs):
-        return None
-    if identity and stride != (1, 1):
-        return None
-    c_out, c_in = convs[0][1].weight.shape[:2]
-    if identity and c_out != c_in:
-        return None
-    # tap offsets relative to the input position: a * d - pad_begin (per axis)
-    def offsets(c: O.Conv, axis: int) -> tuple[int, int]:
-        k, d, p = c.weight.shape[2 + axis], dilation[axis], c.pads[axis]
-        return -p, (k - 1) * d - p
+    return (src, convs, identity) if convs else None
 
+
+def _tap_offsets(c: O.Conv, axis: int, dilation: tuple[int, int]) -> tuple[int, int]:
+    """First and last tap offset of a conv relative to the input position (a d - pad)."""
+    k, d, p = c.weight.shape[2 + axis], dilation[axis], c.pads[axis]
+    return -p, (k - 1) * d - p
+
+
+def _merged_window(convs: list, identity: float, dilation: tuple[int, int]):
+    """Leading pads and kernel sizes of one conv covering every branch's taps, or None."""
     merged_pads, sizes = [], []
     for axis in (0, 1):
-        lows = [offsets(c, axis)[0] for _, c in convs] + ([0] if identity else [])
-        highs = [offsets(c, axis)[1] for _, c in convs] + ([0] if identity else [])
+        lows = [_tap_offsets(c, axis, dilation)[0] for _, c in convs] + ([0] if identity else [])
+        highs = [_tap_offsets(c, axis, dilation)[1] for _, c in convs] + \
+            ([0] if identity else [])
         lo, hi = min(lows), max(highs)
         if any((o - lo) % dilation[axis] for o in lows):
             return None
         merged_pads.append(-lo)
         sizes.append((hi - lo) // dilation[axis] + 1)
-    if min(merged_pads) < 0:
+    return (merged_pads, sizes) if min(merged_pads) >= 0 else None
+
+
+def merged_residual_conv(node: Node, graph: Graph) -> tuple[str, O.Conv] | None:
+    """An Add of linear convs of one value s (each used only here) and of s itself, as one
+    Conv on s (same stride and dilation; s itself needs stride 1): the exact merged operator,
+    e.g. I + W for a residual block with a linear branch."""
+    if not isinstance(node.op, O.Add):
         return None
+    terms = _residual_terms(node, graph)
+    if terms is None:
+        return None
+    src, convs, identity = terms
+    stride, dilation = convs[0][1].stride, convs[0][1].dilation
+    if any(c.stride != stride or c.dilation != dilation or c.groups != 1 for _, c in convs):
+        return None
+    c_out, c_in = convs[0][1].weight.shape[:2]
+    if identity and (stride != (1, 1) or c_out != c_in):
+        return None
+    window = _merged_window(convs, identity, dilation)
+    if window is None:
+        return None
+    merged_pads, sizes = window
     kernel = np.zeros((c_out, c_in, *sizes))
     for coeff, c in convs:
-        a0 = (offsets(c, 0)[0] + merged_pads[0]) // dilation[0]
-        b0 = (offsets(c, 1)[0] + merged_pads[1]) // dilation[1]
+        a0 = (_tap_offsets(c, 0, dilation)[0] + merged_pads[0]) // dilation[0]
+        b0 = (_tap_offsets(c, 1, dilation)[0] + merged_pads[1]) // dilation[1]
         kernel[:, :, a0:a0 + c.weight.shape[2], b0:b0 + c.weight.shape[3]] += coeff * c.weight
     if identity:
         kernel[np.arange(c_out), np.arange(c_in), merged_pads[0] // dilation[0],
                merged_pads[1] // dilation[1]] += identity
-    out_h, out_w = node.shape[2:]
-    in_h, in_w = graph.shape_of(src)[2:]
     pads = []
-    for axis, (n, out) in enumerate(((in_h, out_h), (in_w, out_w))):
+    for axis, (n, out) in enumerate(zip(graph.shape_of(src)[2:], node.shape[2:], strict=True)):
         k_eff = (sizes[axis] - 1) * dilation[axis] + 1
         end = (out - 1) * stride[axis] + k_eff - n - merged_pads[axis]
         if end < 0:

@@ -88,9 +88,7 @@ class LipSDPEstimator(Estimator):
     def compute(self, graph: Graph, norm: str, **options: Any) -> Bound:
         chain = dense_chain(graph, self.name, (*SLOPE_RESTRICTED, O.GroupSort),
                             options.get("max_entries"))
-        form = str(options.get("form", "neuron")).lower()
-        if form not in FORMS:
-            raise MethodNotApplicable(f"lipsdp form {form!r}: use {', '.join(FORMS)}")
+        form = options["form"]  # validated against LipSDPSettings' choices
         if form == "eclipse-fast" and norm != "2":
             raise MethodNotApplicable("lipsdp form eclipse-fast is l2 only; use -o form=neuron "
                                       "for linf")
@@ -98,20 +96,10 @@ class LipSDPEstimator(Estimator):
         if not chain.activations:  # affine: exact
             return Bound(method=self.name, norm=norm, upper=affine_norm(chain.weights[0], norm),
                          notes=["affine model: exact operator norm"])
-        solver = str(options.get("solver", "auto")).lower()
-        if solver not in SOLVERS:
-            raise MethodNotApplicable(f"lipsdp solver {solver!r}: use {', '.join(SOLVERS)}")
-        split = int(options.get("split", 0))
+        solver, split = options["solver"], int(options["split"])
         parts = split_chain(chain.weights, slopes, split)
-        limit = int(options.get("max_neurons", MAX_NEURONS if form != "eclipse-fast"
-                                else 8 * MAX_NEURONS))
-        for weights, _ in parts:
-            n_hidden = sum(w.shape[0] for w in weights[:-1])
-            if n_hidden > limit:
-                raise MethodNotApplicable(
-                    f"method lipsdp refuses {n_hidden} hidden neurons in one (sub-)chain "
-                    f"(limit {limit}); try -o split=2, -o form=eclipse-fast or -o "
-                    "max_neurons=N")
+        _check_size(parts, int(options.get("max_neurons", MAX_NEURONS if form != "eclipse-fast"
+                                           else 8 * MAX_NEURONS)))
         time_limit = float(options.get("time_limit", 60.0))
         progress = options.get("progress")
         total = 1.0
@@ -140,20 +128,33 @@ class LipSDPEstimator(Estimator):
                                else max(abs(qc[0]), abs(qc[1])))
         if len(parts) == 1:
             details.update({key: v for key, v in details["subchains"][0].items()})
-        label = "ECLipsE-Fast" if form == "eclipse-fast" else f"LipSDP-{form.capitalize()}"
-        if norm == "inf":
-            label += (" (linf: diag(tau) input weights, one SDP per output, L^2 <= s sum tau)")
-        notes = [f"{label}" + (f" on {len(parts)} sub-chains of <= {split} hidden layers, "
-                               "multiplied with the boundary activations' max(|alpha|, "
-                               "|beta|)" if len(parts) > 1 else "")]
-        proposers = sorted({name for sc in details["subchains"] for name in sc["proposers"]})
-        notes.append(f"multipliers proposed by {', '.join(proposers)}; every value from a "
-                     "checked certificate")
-        return Bound(method=self.name, norm=norm, upper=total, notes=notes, details=details)
+        return Bound(method=self.name, norm=norm, upper=total,
+                     notes=_notes(form, norm, len(parts), split, details), details=details)
+
+
+def _check_size(parts: list, limit: int) -> None:
+    for weights, _ in parts:
+        n_hidden = sum(w.shape[0] for w in weights[:-1])
+        if n_hidden > limit:
+            raise MethodNotApplicable(
+                f"method lipsdp refuses {n_hidden} hidden neurons in one (sub-)chain "
+                f"(limit {limit}); try -o split=2, -o form=eclipse-fast or -o max_neurons=N")
+
+
+def _notes(form: str, norm: str, n_parts: int, split: int, details: dict) -> list[str]:
+    label = "ECLipsE-Fast" if form == "eclipse-fast" else f"LipSDP-{form.capitalize()}"
+    if norm == "inf":
+        label += " (linf: diag(tau) input weights, one SDP per output, L^2 <= s sum tau)"
+    notes = [f"{label}" + (f" on {n_parts} sub-chains of <= {split} hidden layers, "
+                           "multiplied with the boundary activations' max(|alpha|, "
+                           "|beta|)" if n_parts > 1 else "")]
+    proposers = sorted({name for sc in details["subchains"] for name in sc["proposers"]})
+    notes.append(f"multipliers proposed by {', '.join(proposers)}; every value from a "
+                 "checked certificate")
+    return notes
 
 
 
 
-FORMS = ("neuron", "layer", "eclipse-fast")
 
 

@@ -139,60 +139,51 @@ def _infeasible(value: float) -> bool:
     return value == -math.inf
 
 
-def branch_and_bound(problem: LocalProblem, *, time_budget: float, max_domains: int = 200_000,
-                     batch: int = 32, rtol: float = 1e-6,
-                     progress: Callable[[dict], None] | None = None) -> BabResult:
-    """Best-first branch-and-bound; returns a valid upper bound whenever it stops."""
-    start = time.perf_counter()
-    n_q = problem.c.shape[0]
-    fwd, upper, branches = problem.evaluate(list(range(n_q)), None, None)
-    counter = itertools.count()
-    heap: list[tuple[float, int, Domain]] = []
-    sizes = problem.dag.sizes[1:]
-    for q in range(n_q):
-        if _infeasible(float(upper[q])):
-            continue
-        dom = Domain(q, [torch.zeros(n, dtype=torch.int8) for n in sizes],
-                     [z[q] for z in fwd.zl], [z[q] for z in fwd.zu], float(upper[q]),
-                     branches[q])
-        heapq.heappush(heap, (-dom.upper, next(counter), dom))
-    root = [float(u) for u in upper]
-    unstable = int(sum(int(r.mixed[0].sum()) for r in fwd.relax))
-    closed = -np.inf  # largest bound of a domain that cannot be split further
-    lower = -np.inf
-    per_query_closed = [-np.inf] * n_q
-    visited, checked, pruned = n_q, 0, 0
-    stopped = "exhausted" if time_budget > 0 else "root bound only (no branching)"
-    last_report = start
-    while heap:
-        best = max(-heap[0][0], closed)
-        if lower > -np.inf and best <= lower * (1 + rtol) + 1e-300:
-            stopped = "gap closed"
-            break
-        if time_budget <= 0:
-            break
-        if time.perf_counter() - start > time_budget:
-            stopped = "time budget"
-            break
-        if visited >= max_domains:
-            stopped = "domain limit"
-            break
+class _Search:
+    """The state of one best-first search: open domains (a heap on -upper), closed leaves,
+    the best attained value, and counters."""
+
+    def __init__(self, problem: LocalProblem, n_q: int):
+        self.problem = problem
+        self.heap: list[tuple[float, int, Domain]] = []
+        self.counter = itertools.count()
+        self.closed = -np.inf  # largest bound of a domain that cannot be split further
+        self.lower = -np.inf  # largest attained value (a feasible leaf)
+        self.per_query_closed = [-np.inf] * n_q
+        self.visited, self.checked, self.pruned = n_q, 0, 0
+
+    def push(self, dom: Domain) -> None:
+        heapq.heappush(self.heap, (-dom.upper, next(self.counter), dom))
+
+    def best(self) -> float:
+        return max(-self.heap[0][0] if self.heap else -np.inf, self.closed)
+
+    def gap_closed(self, rtol: float) -> bool:
+        return self.lower > -np.inf and self.best() <= self.lower * (1 + rtol) + 1e-300
+
+    def _close_leaf(self, dom: Domain) -> None:
+        """A domain with no unstable neuron: LP-checked (piecewise linear) and closed."""
+        if self.problem.piecewise_linear:
+            self.checked += 1
+            if not self.problem.leaf_feasible(dom):
+                self.pruned += 1
+                return
+            self.lower = max(self.lower, dom.upper)
+        self.closed = max(self.closed, dom.upper)
+        self.per_query_closed[dom.query] = max(self.per_query_closed[dom.query], dom.upper)
+
+    def pop_batch(self, batch: int) -> list[Domain]:
         popped: list[Domain] = []
-        while heap and len(popped) < batch:
-            dom = heapq.heappop(heap)[2]
+        while self.heap and len(popped) < batch:
+            dom = heapq.heappop(self.heap)[2]
             if dom.branch is None:
-                if problem.piecewise_linear:
-                    checked += 1
-                    if not problem.leaf_feasible(dom):
-                        pruned += 1
-                        continue
-                    lower = max(lower, dom.upper)
-                closed = max(closed, dom.upper)
-                per_query_closed[dom.query] = max(per_query_closed[dom.query], dom.upper)
-                continue
-            popped.append(dom)
-        if not popped:
-            continue
+                self._close_leaf(dom)
+            else:
+                popped.append(dom)
+        return popped
+
+    def expand(self, popped: list[Domain], sizes: list[int]) -> None:
+        """Split each popped domain on its branching neuron and bound both children."""
         children: list[Domain] = []
         for dom in popped:
             act, idx = dom.branch  # type: ignore[misc]
@@ -203,8 +194,9 @@ def branch_and_bound(problem: LocalProblem, *, time_budget: float, max_domains: 
         stacked = [torch.stack([ch.splits[k] for ch in children]) for k in range(len(sizes))]
         prior = ([torch.stack([ch.zl[k] for ch in children]) for k in range(len(sizes))],
                  [torch.stack([ch.zu[k] for ch in children]) for k in range(len(sizes))])
-        fwd, upper, branches = problem.evaluate([ch.query for ch in children], stacked, prior)
-        visited += len(children)
+        fwd, upper, branches = self.problem.evaluate([ch.query for ch in children], stacked,
+                                                     prior)
+        self.visited += len(children)
         for i, ch in enumerate(children):
             value = float(upper[i])
             if _infeasible(value):
@@ -213,19 +205,66 @@ def branch_and_bound(problem: LocalProblem, *, time_budget: float, max_domains: 
             ch.zl = [z[i] for z in fwd.zl]
             ch.zu = [z[i] for z in fwd.zu]
             ch.branch = branches[i]
-            heapq.heappush(heap, (-ch.upper, next(counter), ch))
+            self.push(ch)
+
+    def per_query(self, root: list[float]) -> list[float]:
+        values = list(self.per_query_closed)
+        for neg, _, dom in self.heap:
+            values[dom.query] = max(values[dom.query], -neg)
+        return [min(p, r) for p, r in zip(values, root, strict=True)]
+
+
+def _stop_reason(search: _Search, start: float, time_budget: float, max_domains: int,
+                 rtol: float) -> str | None:
+    if search.gap_closed(rtol):
+        return "gap closed"
+    if time_budget <= 0:
+        return "root bound only (no branching)"
+    if time.perf_counter() - start > time_budget:
+        return "time budget"
+    if search.visited >= max_domains:
+        return "domain limit"
+    return None
+
+
+def branch_and_bound(problem: LocalProblem, *, time_budget: float, max_domains: int = 200_000,
+                     batch: int = 32, rtol: float = 1e-6,
+                     progress: Callable[[dict], None] | None = None) -> BabResult:
+    """Best-first branch-and-bound; returns a valid upper bound whenever it stops.
+
+    Stops when the gap closes, after ``time_budget`` seconds (0: the root bound alone; inf:
+    no time limit) or after ``max_domains`` domains, whichever comes first."""
+    start = time.perf_counter()
+    n_q = problem.c.shape[0]
+    fwd, upper, branches = problem.evaluate(list(range(n_q)), None, None)
+    search = _Search(problem, n_q)
+    sizes = problem.dag.sizes[1:]
+    for q in range(n_q):
+        if not _infeasible(float(upper[q])):
+            search.push(Domain(q, [torch.zeros(n, dtype=torch.int8) for n in sizes],
+                               [z[q] for z in fwd.zl], [z[q] for z in fwd.zu],
+                               float(upper[q]), branches[q]))
+    root = [float(u) for u in upper]
+    unstable = int(sum(int(r.mixed[0].sum()) for r in fwd.relax))
+    stopped = "exhausted" if time_budget > 0 else "root bound only (no branching)"
+    last_report = start
+    while search.heap:
+        reason = _stop_reason(search, start, time_budget, max_domains, rtol)
+        if reason is not None:
+            stopped = reason
+            break
+        popped = search.pop_batch(batch)
+        if popped:
+            search.expand(popped, sizes)
         now = time.perf_counter()
         if progress and now - last_report > 0.5:
             last_report = now
-            progress({"domains": visited, "open": len(heap), "elapsed": now - start,
-                      "upper": max(-heap[0][0] if heap else -np.inf, closed),
-                      "lower": lower})
-    per_query = list(per_query_closed)
-    for neg, _, dom in heap:
-        per_query[dom.query] = max(per_query[dom.query], -neg)
-    per_query = [min(p, r) for p, r in zip(per_query, root, strict=True)]
-    best = max(per_query) if per_query else 0.0
-    best = max(best, 0.0)
+            progress({"domains": search.visited, "open": len(search.heap),
+                      "elapsed": now - start, "upper": search.best(), "lower": search.lower})
+    per_query = search.per_query(root)
+    best = max(max(per_query) if per_query else 0.0, 0.0)
+    lower = search.lower
     exact = problem.piecewise_linear and lower > -np.inf and best <= lower * (1 + rtol)
-    return BabResult(best, max(lower, 0.0), per_query, visited, checked, pruned, bool(exact),
-                     stopped, time.perf_counter() - start, max(max(root), 0.0), unstable)
+    return BabResult(best, max(lower, 0.0), per_query, search.visited, search.checked,
+                     search.pruned, bool(exact), stopped, time.perf_counter() - start,
+                     max(max(root), 0.0), unstable)
