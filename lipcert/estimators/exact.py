@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
-from scipy.sparse import lil_matrix
 
 from ..errors import MethodNotApplicable
 from ..ir import ops as O
@@ -78,6 +76,9 @@ class _Program:
         self.rows.append((coeffs, lo, hi))
 
     def solve(self, time_limit: float):
+        from scipy.optimize import Bounds, LinearConstraint, milp  # only when exact runs
+        from scipy.sparse import lil_matrix
+
         n = len(self.lb)
         a = lil_matrix((len(self.rows), n))
         lo, hi = [], []
@@ -244,8 +245,8 @@ def lipmip_output(layers, low, high, output: int, time_limit: float) -> tuple[fl
 
 @dataclass(frozen=True)
 class ExactSettings:
-    time_limit: float = setting(60.0, "HiGHS time limit (seconds) for all outputs together",
-                                minimum=0, exclusive=True)
+    time_limit: float = setting(60.0, "HiGHS time limit (seconds) for all outputs together "
+                                      "(inf: none)", minimum=0, exclusive=True, infinite=True)
     max_relus: int = setting(MAX_RELUS, "refuse larger networks", minimum=1)
     max_inputs: int = setting(MAX_INPUTS, "refuse more inputs", minimum=1)
 

@@ -20,10 +20,13 @@ CONTEXT_KEYS = frozenset({"center", "eps", "domain", "queries", "progress", "dev
 
 
 def setting(default: Any, help: str, *, minimum: float | None = None,
-            exclusive: bool = False, choices: tuple[str, ...] | None = None) -> Any:
-    """A dataclass field with its help text and the range its value must lie in."""
+            exclusive: bool = False, choices: tuple[str, ...] | None = None,
+            infinite: bool = False) -> Any:
+    """A dataclass field with its help text and the range its value must lie in;
+    ``infinite``: +inf is a valid value (a time limit that never stops the method)."""
     return field(default=default, metadata={"help": help, "minimum": minimum,
-                                            "exclusive": exclusive, "choices": choices})
+                                            "exclusive": exclusive, "choices": choices,
+                                            "infinite": infinite})
 
 
 @dataclass(frozen=True)
@@ -52,14 +55,14 @@ def _as_int(method: str, name: str, value: Any) -> int:
     raise InputError(f"method {method}: setting {name}={value!r} must be an integer")
 
 
-def _as_float(method: str, name: str, value: Any) -> float:
+def _as_float(method: str, name: str, value: Any, infinite: bool = False) -> float:
     if isinstance(value, bool):
         raise InputError(f"method {method}: setting {name}={value!r} must be a number")
     try:
         result = float(value)
     except (TypeError, ValueError):
         raise InputError(f"method {method}: setting {name}={value!r} must be a number") from None
-    if not math.isfinite(result):
+    if not (math.isfinite(result) or (infinite and result == math.inf)):
         raise InputError(f"method {method}: setting {name}={value!r} must be finite")
     return result
 
@@ -85,7 +88,9 @@ def parse_settings(method: str, cls: type, options: dict[str, Any]) -> Any:
     for name, f in known.items():
         if name not in options or options[name] is None:
             continue
-        value = _COERCE[str(f.type).split(" | ")[0]](method, name, options[name])
+        kind = str(f.type).split(" | ")[0]
+        value = _as_float(method, name, options[name], bool(f.metadata.get("infinite"))) \
+            if kind == "float" else _COERCE[kind](method, name, options[name])
         meta = f.metadata
         if meta.get("choices") and value not in meta["choices"]:
             raise InputError(f"method {method}: setting {name}={value!r} is not one of "

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import linprog
 
 from ...errors import InternalCheckFailed
 from ...ir import ops as O
@@ -124,6 +123,7 @@ class LocalProblem:
             forms.append((slope[:, None] * a, slope * b))
         if not rows:
             return True
+        from scipy.optimize import linprog  # only when a leaf is checked
         res = linprog(np.zeros(n0), A_ub=np.array(rows), b_ub=np.array(rhs),
                       bounds=list(zip(self.xl[0].numpy(), self.xu[0].numpy(), strict=True)),
                       method="highs")

@@ -63,7 +63,9 @@ def _progress_text(report: Callable[[str], None] | None) -> Callable[[dict], Non
 @dataclass(frozen=True)
 class LocalSettings:
     bab_time: float = setting(DEFAULT_BAB_TIME, "seconds of branch-and-bound (0: bound "
-                                                "propagation only)", minimum=0)
+                                                "propagation only; inf: stop on max_domains "
+                                                "or a closed gap only)", minimum=0,
+                              infinite=True)
     max_domains: int = setting(200_000, "domains visited before stopping", minimum=1)
     batch: int = setting(32, "domains split per step", minimum=1)
     max_entries: int = setting(MAX_ENTRIES, "unrolled linear-layer matrix entries (8 bytes "
