@@ -345,8 +345,8 @@ def test_depth_two_to_five_up_to_width_64(widths, act):
 
     op = {"relu": O.Relu(), "tanh": O.Tanh(), "sigmoid": O.Sigmoid()}[act]
     graph = random_mlp(widths, op, len(widths))
-    neuron = lipcert.bound(graph, "lipsdp", "2", time_limit=20)
-    layer = lipcert.bound(graph, "lipsdp", "2", form="layer", time_limit=20)
+    neuron = lipcert.bound(graph, "lipsdp", "2", time_limit=math.inf)  # no wall clock
+    layer = lipcert.bound(graph, "lipsdp", "2", form="layer", time_limit=math.inf)
     assert neuron.upper is not None and layer.upper is not None, (neuron.notes, layer.notes)
     assert sampled_gradient_lower(graph, "2", samples=64) <= neuron.upper
     assert neuron.upper <= layer.upper * (1 + 1e-4)

@@ -65,8 +65,9 @@ class LipSDPSettings:
                           choices=SOLVERS)
     split: int = setting(0, "sub-chains of at most this many hidden layers (0: no split)",
                          minimum=0)
-    time_limit: float = setting(60.0, "seconds for all proposers together", minimum=0,
-                                exclusive=True)
+    time_limit: float = setting(60.0, "seconds for all proposers together (inf: solvers stop "
+                                      "on their own iteration limits)", minimum=0,
+                                exclusive=True, infinite=True)
     max_neurons: int | None = setting(None, f"refuse larger (sub-)chains (default "
                                             f"{MAX_NEURONS}; {8 * MAX_NEURONS} for "
                                             "eclipse-fast)", minimum=1)

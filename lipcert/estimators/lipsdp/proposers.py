@@ -116,8 +116,9 @@ def solve_lipsdp(weights, slopes, form: str, solver: str, time_limit: float,
     if solver.upper() == "CLARABEL":
         kwargs = {"time_limit": time_limit}
     elif solver.upper() == "SCS":
-        kwargs = {"time_limit_secs": time_limit, "eps_abs": 1e-5, "eps_rel": 1e-5,
-                  "max_iters": 200_000}
+        kwargs = {"eps_abs": 1e-5, "eps_rel": 1e-5, "max_iters": 200_000}
+        if math.isfinite(time_limit):  # SCS takes no infinite limit: max_iters decides
+            kwargs["time_limit_secs"] = time_limit
     start = time.perf_counter()
     try:
         with warnings.catch_warnings():  # "may be inaccurate": the certificate decides

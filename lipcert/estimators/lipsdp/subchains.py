@@ -93,7 +93,8 @@ def _propose_and_certify(solve_weights, check_weights, slopes, form: str,
         name = queue.pop(0)
         ts = time.perf_counter()
         limit = max(1.0, deadline - ts)
-        limit = min(limit, SCS_AUTO_SECONDS) if auto and name == "scs" else limit
+        if auto and name == "scs" and math.isfinite(time_limit):  # inf: iterations decide
+            limit = min(limit, SCS_AUTO_SECONDS)
         if name == "eclipse-fast":  # closed form; its golden search is all checking
             candidate, why, lam = _eclipse_certificate(check_weights, slopes)
             status, tc = "closed form", ts
