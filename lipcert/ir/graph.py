@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 from .ops import Op
 
@@ -68,10 +69,11 @@ class Graph:
         return self.producer(value).shape
 
     def producer(self, value: str) -> Node:
-        for node in self.nodes:
-            if node.output == value:
-                return node
-        raise KeyError(value)
+        return self._by_output[value]
+
+    @cached_property
+    def _by_output(self) -> dict[str, Node]:
+        return {node.output: node for node in self.nodes}
 
     def consumers(self) -> dict[str, list[Node]]:
         uses: dict[str, list[Node]] = {self.input: []}

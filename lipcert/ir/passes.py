@@ -36,49 +36,84 @@ def _vector(a: np.ndarray, axis: int, n: int) -> np.ndarray:
 
 
 class _Work:
+    """The node list under rewriting, indexed so that every query is O(1): nodes by output
+    value, users of each value, and a position per node (the order is restored at the end).
+    Keeps the passes linear in the number of nodes (a 10^5-node chain in seconds)."""
+
     def __init__(self, graph: Graph):
         self.graph = graph
-        self.nodes = list(graph.nodes)
         self.output = graph.output
+        self.by_output: dict[str, Node] = {}
+        self.position: dict[str, float] = {}
+        self.users: dict[str, dict[str, None]] = {graph.input: {}}  # ordered sets
+        for k, node in enumerate(graph.nodes):
+            self._add(node, float(k))
+
+    # -- indexed queries --------------------------------------------------------------
+    @property
+    def nodes(self) -> list[Node]:
+        return sorted(self.by_output.values(), key=lambda n: self.position[n.output])
+
+    def alive(self, node: Node) -> bool:
+        return self.by_output.get(node.output) is node
 
     def uses(self, value: str) -> list[Node]:
-        return [n for n in self.nodes if value in n.inputs]
+        return [self.by_output[o] for o in self.users.get(value, ())]
 
     def sole_use(self, value: str) -> Node | None:
-        users = self.uses(value)
+        users = self.users.get(value, {})
         if len(users) == 1 and value != self.output:
-            return users[0]
+            return self.by_output[next(iter(users))]
         return None
 
     def shape_of(self, value: str) -> tuple[int, ...]:
         if value == self.graph.input:
             return self.graph.input_shape
-        return next(n.shape for n in self.nodes if n.output == value)
+        return self.by_output[value].shape
 
     def producer(self, value: str) -> Node | None:
-        return next((n for n in self.nodes if n.output == value), None)
+        return self.by_output.get(value)
+
+    # -- edits ------------------------------------------------------------------------
+    def _add(self, node: Node, position: float) -> None:
+        self.by_output[node.output] = node
+        self.position[node.output] = position
+        self.users.setdefault(node.output, {})
+        for i in node.inputs:
+            self.users.setdefault(i, {})[node.output] = None
+
+    def remove(self, node: Node) -> float:
+        del self.by_output[node.output]
+        position = self.position.pop(node.output)
+        for i in node.inputs:
+            self.users.get(i, {}).pop(node.output, None)
+        return position
 
     def replace(self, old: Node, new: Node) -> None:
-        self.nodes[self.nodes.index(old)] = new
+        """``new`` takes ``old``'s place in the order (its output may differ)."""
+        self._add(new, self.remove(old))
+
+    def insert_at(self, position: float, node: Node) -> None:
+        self._add(node, position)
 
     def bypass(self, node: Node) -> None:
         """Remove a node whose output equals its single input."""
         src = node.inputs[0]
-        self.nodes.remove(node)
-        self.nodes = [Node(n.op, tuple(src if i == node.output else i for i in n.inputs),
-                           n.output, n.shape, n.source) for n in self.nodes]
+        if self.output == node.output and self.producer(src) is None:
+            return  # input is output: keep the identity
+        self.remove(node)
+        for user in self.uses(node.output):
+            renamed = Node(user.op, tuple(src if i == node.output else i for i in user.inputs),
+                           user.output, user.shape, user.source)
+            self.replace(user, renamed)
         if self.output == node.output:
-            # keep the output name: re-attach it to the producer of src if any
-            prod = self.producer(src)
-            if prod is None:
-                self.nodes.append(node)  # input is output: keep the identity
-                return
             self.output = src
 
     def result(self) -> Graph:
+        nodes = self.nodes
         live = {self.output}
         kept = []
-        for n in reversed(self.nodes):
+        for n in reversed(nodes):
             if n.output in live:
                 kept.append(n)
                 live.update(n.inputs)
@@ -127,9 +162,9 @@ def _fold_scale_into_producer(node: Node, work: _Work) -> bool:
                                   p.output_padding, p.dilation, p.groups)
     else:
         return False
+    work.remove(node)
     work.replace(prev, Node(new, prev.inputs, node.output, node.shape,
                             f"{prev.source}+{node.source}"))
-    work.nodes.remove(node)
     return True
 
 
@@ -157,10 +192,9 @@ def _fold_scale_into_consumer(node: Node, work: _Work) -> bool:
         moved_layout = Node(n_op, node.inputs, nxt.output + "~", nxt.shape, nxt.source)
         moved_scale = Node(O.Scale(*arrays), (moved_layout.output,), nxt.output, nxt.shape,
                            node.source)
-        i = work.nodes.index(node)
-        work.nodes.remove(node)
-        work.nodes.remove(nxt)
-        work.nodes[i:i] = [moved_layout, moved_scale]
+        at_node, at_next = work.remove(node), work.remove(nxt)
+        work.insert_at(at_node, moved_layout)
+        work.insert_at(at_next, moved_scale)
         return True
     if isinstance(n_op, O.Dense) and _varies_only_along(op.scale, n_op.axis) \
             and _varies_only_along(op.shift, n_op.axis):
@@ -186,8 +220,8 @@ def _fold_scale_into_consumer(node: Node, work: _Work) -> bool:
                                                                   + n_op.shift))
     else:
         return False
+    work.remove(node)
     work.replace(nxt, Node(new, node.inputs, nxt.output, nxt.shape, f"{node.source}+{nxt.source}"))
-    work.nodes.remove(node)
     return True
 
 
@@ -205,9 +239,9 @@ def _merge_dense(node: Node, work: _Work) -> bool:
     b1 = prev.op.bias if prev.op.bias is not None else np.zeros(w1.shape[0])
     bias = w2 @ b1 + (op.bias if op.bias is not None else 0.0)
     merged = O.Dense(w2 @ w1, bias, op.axis)
+    work.remove(node)
     work.replace(prev, Node(merged, prev.inputs, node.output, node.shape,
                             f"{prev.source}+{node.source}"))
-    work.nodes.remove(node)
     return True
 
 
@@ -250,17 +284,17 @@ def canonicalize(graph: Graph) -> Graph:
     work = _Work(graph)
     for _ in range(10_000):
         changed = False
-        for node in list(work.nodes):
-            if node not in work.nodes:
+        for node in work.nodes:
+            if not work.alive(node):
                 continue
             if _is_identity(node, work):
-                before = len(work.nodes)
+                before = len(work.by_output)
                 work.bypass(node)
-                changed = changed or len(work.nodes) != before
+                changed = changed or len(work.by_output) != before
                 continue
             if any(rule(node, work) for rule in _RULES):
                 changed = True
-        work.nodes = list(work.result().nodes)
+        work = _Work(work.result())  # drop dead nodes, renumber positions
         if not changed:
             break
     return work.result()

@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import torch
 from onnx import helper, numpy_helper
 
 from ..errors import InputError, ModelRefused, UnsupportedNode, UnsupportedOpsError
 from ..ir.graph import Graph
 from . import handlers  # noqa: F401  (registers handlers)
-from .context import Data, ImportContext, Unsupported
+from .context import (
+    MAX_VALUES_ENV,
+    Data,
+    ImportContext,
+    Malformed,
+    Unsupported,
+    max_value_elements,
+    probe_tensor,
+)
 from .registry import HANDLERS
 
 MIN_OPSET, MAX_OPSET = 7, 23
@@ -34,6 +41,9 @@ def _fold(node: onnx.NodeProto, values: list[np.ndarray | None], model: onnx.Mod
     from onnx.reference import ReferenceEvaluator
 
     if node.op_type == "Constant":
+        if len(node.attribute) != 1:
+            raise Malformed(f"a Constant needs exactly one value attribute, it has "
+                            f"{len(node.attribute)}")
         attr = node.attribute[0]
         value = helper.get_attribute_value(attr)
         if isinstance(value, onnx.TensorProto):
@@ -108,6 +118,7 @@ def _import_node(ctx: ImportContext, node: onnx.NodeProto, model: onnx.ModelProt
     """Fold a node with constant inputs, hand the others to their handler; an unsupported
     node is recorded and poisons its outputs (so what depends on it is named too)."""
     ctx.node = node
+    _check_outputs(ctx, node)
     present = [i for i in node.input if i]
     if any(i in ctx.poisoned for i in present):
         # downstream of an unsupported node: still name it if lipcert cannot handle it
@@ -136,6 +147,44 @@ def _import_node(ctx: ImportContext, node: onnx.NodeProto, model: onnx.ModelProt
     except Unsupported as exc:
         problems.append(UnsupportedNode(node.op_type, ctx.node_name, str(exc)))
         ctx.poisoned.update(node.output)
+    except (InputError, ModelRefused):
+        raise
+    except Exception as exc:  # Malformed, or a handler that met numbers it cannot use
+        raise malformed_node(ctx, exc) from None
+    ctx.defined.update(o for o in node.output if o)
+
+
+def malformed_node(ctx: ImportContext, exc: Exception) -> InputError:
+    """One line naming the node and what does not fit: a malformed model is an input error."""
+    reason = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
+    if not isinstance(exc, Malformed | MemoryError):
+        reason = f"{type(exc).__name__}: {reason}"
+    return InputError(f"node {ctx.node_name!r} ({ctx.node.op_type}) cannot be read: {reason}. "
+                      "The model is malformed (onnx.checker.check_model(model, full_check=True) "
+                      "says more), or lipcert misreads this node: please report it if "
+                      "onnxruntime runs the model")
+
+
+def _check_outputs(ctx: ImportContext, node: onnx.NodeProto) -> None:
+    """Every node writes at least one value, and no value is written twice (SSA form)."""
+    if not any(node.output):
+        raise InputError(f"node {ctx.node_name!r} ({node.op_type}) has no outputs; the model "
+                         "is malformed")
+    twice = [o for o in node.output if o and o in ctx.defined]
+    if twice or len({o for o in node.output if o}) != len([o for o in node.output if o]):
+        name = twice[0] if twice else next(o for o in node.output if node.output.count(o) > 1)
+        raise InputError(f"node {ctx.node_name!r} ({node.op_type}) writes the value {name!r}, "
+                         "which the graph input, an initializer or another node already "
+                         "defines; the model is malformed (ONNX values are written once)")
+
+
+def _check_input_size(name: str, shape: tuple[int, ...]) -> None:
+    size, limit = 1, max_value_elements()
+    for d in shape:
+        size *= d
+    if size > limit:
+        raise ModelRefused(f"input {name!r} has shape {shape} ({size:,} values), above the "
+                           f"limit of {limit:,}; set {MAX_VALUES_ENV}=N to allow larger inputs")
 
 
 def build_graph(model: onnx.ModelProto) -> Graph:
@@ -150,14 +199,16 @@ def build_graph(model: onnx.ModelProto) -> Graph:
     if len(g.output) != 1:
         raise ModelRefused(f"the model has {len(g.output)} outputs "
                            f"{[o.name for o in g.output]}; lipcert bounds single-output models")
+    _check_input_size(spec.name, input_shape)
     used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
     ctx = ImportContext(opset, used)
+    ctx.defined = {spec.name} | {t.name for t in g.initializer}
     for t in g.initializer:
         try:
             ctx.consts[t.name] = numpy_helper.to_array(t)
         except Exception as exc:
             raise InputError(f"cannot read initializer {t.name!r}: {exc}") from None
-    ctx.data[spec.name] = Data(torch.zeros(input_shape, dtype=torch.float64))
+    ctx.data[spec.name] = Data(probe_tensor(input_shape))
     problems: list[UnsupportedNode] = []
     for node in g.node:
         _import_node(ctx, node, model, problems)

@@ -4,6 +4,7 @@ nodes, and the helpers every op handler uses."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -21,6 +22,29 @@ class Unsupported(Exception):
     """Raised by a handler: this node cannot be imported, for the reason given."""
 
 
+class Malformed(Exception):
+    """Raised while importing a node that does not make sense (its attributes or constants
+    do not fit its inputs): an input error naming the node, never an internal error."""
+
+
+MAX_VALUES_ENV = "LIPCERT_MAX_VALUE_ELEMENTS"
+DEFAULT_MAX_VALUES = 1 << 24  # 16.8M numbers per tensor (a 224x224 image has 0.15M)
+
+
+def max_value_elements() -> int:
+    """The largest tensor (input or intermediate) lipcert accepts, in elements."""
+    raw = os.environ.get(MAX_VALUES_ENV)
+    if raw is None:
+        return DEFAULT_MAX_VALUES
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InputError(f"{MAX_VALUES_ENV}={raw!r}: expected a number of elements") from None
+    if value <= 0:
+        raise InputError(f"{MAX_VALUES_ENV}={raw!r}: expected a positive number of elements")
+    return value
+
+
 @dataclass
 class Data:
     """A value that depends on the model input; ``probe`` is a sample tensor of its shape."""
@@ -32,6 +56,38 @@ class Data:
         return tuple(self.probe.shape)
 
 
+_CPU_ELEMENTS = 1 << 20
+_MAY_GROW = (O.Pad, O.ConvTranspose)  # outputs can be far larger than their inputs
+
+
+def probe_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """A shape carrier: real zeros when small (so values are checked too, e.g. an index
+    out of range), a meta tensor (no memory) when large."""
+    size = math.prod(shape)
+    return _zeros(shape) if size <= _CPU_ELEMENTS else torch.empty(shape, device="meta")
+
+
+def _zeros(shape) -> torch.Tensor:
+    return torch.zeros(tuple(shape), dtype=torch.float64)
+
+
+def _run(op: O.Op, probes: list[torch.Tensor]) -> torch.Tensor:
+    try:
+        with torch.no_grad():
+            return evaluate.apply(op, *probes)
+    except Exception as exc:
+        raise Malformed(f"does not fit its inputs of shape "
+                        f"{[tuple(p.shape) for p in probes]}: {exc}") from None
+
+
+def infer(op: O.Op, probes: list[torch.Tensor]) -> torch.Tensor:
+    """The op applied to shape carriers: on the CPU when inputs are small and the op cannot
+    blow up, otherwise on torch's meta device first (shapes only, no allocation)."""
+    if all(not p.is_meta for p in probes) and not isinstance(op, _MAY_GROW):
+        return _run(op, probes)
+    return _run(op, [torch.empty(p.shape, device="meta") for p in probes])
+
+
 class ImportContext:
     """Holds every value seen so far; handlers read inputs and emit IR nodes through it."""
 
@@ -41,6 +97,7 @@ class ImportContext:
         self.consts: dict[str, np.ndarray] = {}
         self.data: dict[str, Data] = {}
         self.poisoned: set[str] = set()
+        self.defined: set[str] = set()  # every value name written so far
         self.nodes: list[Node] = []
         self.node: onnx.NodeProto | None = None
         self._counter = 0
@@ -49,7 +106,8 @@ class ImportContext:
     @property
     def node_name(self) -> str:
         assert self.node is not None
-        return self.node.name or f"{self.node.op_type}->{self.node.output[0]}"
+        first = self.node.output[0] if self.node.output else "?"
+        return self.node.name or f"{self.node.op_type}->{first}"
 
     def attr(self, name: str, default=None):
         assert self.node is not None
@@ -103,19 +161,26 @@ class ImportContext:
         assert self.node is not None
         return i < len(self.node.output) and self.node.output[i] in self.used_values
 
+    def data_probes(self, inputs) -> list[torch.Tensor]:
+        return [self.data[i].probe for i in inputs]
+
     # -- writing ----------------------------------------------------------------------
     def emit(self, op: O.Op, inputs: list[str] | tuple[str, ...], out: str | None = None) -> str:
         """Append an IR node; returns the name of its output value."""
         self._check_finite(op)
-        probes = [self.data[i].probe for i in inputs]
-        try:
-            probe = evaluate.apply(op, *probes)
-        except Exception as exc:
-            raise Unsupported(f"cannot apply it to inputs of shape "
-                              f"{[tuple(p.shape) for p in probes]}: {exc}") from None
+        probe = infer(op, [self.data[i].probe for i in inputs])
+        limit = max_value_elements()
+        if probe.numel() > limit:
+            raise InputError(f"node {self.node_name!r} ({self.node.op_type}) makes a tensor "
+                             f"of shape {tuple(probe.shape)} ({probe.numel():,} values), above "
+                             f"the limit of {limit:,}; set {MAX_VALUES_ENV}=N to allow larger "
+                             "tensors")
+        if probe.is_meta and probe.numel() <= _CPU_ELEMENTS:  # now small: check values too
+            probe = _run(op, [_zeros(p.shape) for p in self.data_probes(inputs)])
         if out is None:
             self._counter += 1
-            out = f"{self.node.output[0] if self.node else 'v'}#{self._counter}"
+            out = f"{self.node.output[0] if self.node and self.node.output else 'v'}" \
+                  f"#{self._counter}"
         self.nodes.append(Node(op, tuple(inputs), out, tuple(probe.shape), self.node_name))
         self.data[out] = Data(probe)
         return out
