@@ -28,7 +28,7 @@ class LipcertGroup(click.Group):
         try:
             return super().invoke(ctx)
         except LipcertError as exc:
-            _err.print(f"[bold red]lipcert: error:[/bold red] {escape(str(exc))}",
+            _err.print(f"[bold red]lipcert: error:[/bold red] {escape(one_line(exc))}",
                        highlight=False)
             sys.exit(exc.exit_code)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
@@ -43,9 +43,15 @@ class LipcertGroup(click.Group):
             if os.environ.get("LIPCERT_DEBUG"):
                 raise
             _err.print(f"[bold red]lipcert: internal error:[/bold red] {type(exc).__name__}: "
-                       f"{escape(str(exc))} (set LIPCERT_DEBUG=1 for a traceback; please "
+                       f"{escape(one_line(exc))} (set LIPCERT_DEBUG=1 for a traceback; please "
                        "report it)", highlight=False)
             sys.exit(3)
+
+
+def one_line(exc: BaseException, limit: int = 2000) -> str:
+    """A message on one line (onnxruntime and solvers write several), cut at ``limit``."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @click.group(cls=LipcertGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -77,10 +83,14 @@ def parse_options(raw: tuple[str, ...]) -> dict:
 
 
 def _check_device(device: str) -> str:
+    import re
+
     import torch
 
     from .errors import InputError
 
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise InputError(f"--device {device!r}: give cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {device}: no CUDA device is available to torch here")
     try:
@@ -166,8 +176,10 @@ def bound(model: str, method: str, norm: str, json_out: str | None, no_verify: b
     --input/--eps for local methods)."""
     from .errors import InternalCheckFailed, MethodNotApplicable
     from .estimators import get_estimator, run_estimator
+    from .outputs import check_outputs
     from .report import bounds_payload, bounds_table, print_table, write_json
 
+    check_outputs(json=json_out)
     options = {"device": _check_device(device), **_region(input_path, index, eps, domain),
                **parse_options(raw_options)}
     get_estimator(method).parse_settings(options)
@@ -179,11 +191,11 @@ def bound(model: str, method: str, norm: str, json_out: str | None, no_verify: b
         result = run_estimator(graph, method, norm, self_check=not no_self_check, **options)
     if result.internal_error:  # print no table with a number-shaped hole: say why, exit 3
         raise InternalCheckFailed(result.notes[-1])
+    if result.upper is None and result.details.get("not_applicable"):
+        raise MethodNotApplicable(result.notes[-1])  # one line, nothing else
     print_table(bounds_table(graph, [result]), to_stderr=json_out == "-")
     if json_out:
         write_json(bounds_payload(graph, [result]), json_out)
-    if result.upper is None and result.details.get("not_applicable"):
-        raise MethodNotApplicable(result.notes[-1])
 
 
 @cli.command()
@@ -217,8 +229,10 @@ def certify(model, data, labels, eps, norm, method, gate, report_eps, json_out, 
     from .errors import InputError
     from .estimators import parse_norm
     from .estimators.common.region import parse_eps
+    from .outputs import check_outputs
     from .report import certify_payload, certify_table, print_table, write_json, write_junit
 
+    check_outputs(json=json_out, junit=junit)
     full_cfg = read_config(config_path)
     cfg = full_cfg.get("certify", {})
     model = model or cfg.get("model")
@@ -299,7 +313,9 @@ def compare(model, methods, norm, input_path, index, eps, domain, timeout, json_
     """Every method side by side with a lower bound, the tightness ratio and the time."""
     from . import compare as CMP
     from .config import read_config
+    from .errors import InputError
     from .estimators import parse_norm
+    from .outputs import check_outputs, write_text
     from .report import (
         bounds_payload,
         compare_markdown,
@@ -310,10 +326,9 @@ def compare(model, methods, norm, input_path, index, eps, domain, timeout, json_
     )
 
     if json_out == "-" and markdown == "-":
-        from .errors import InputError
-
         raise InputError("--json - and --markdown - both write to stdout; send one of them to "
                          "a file")
+    check_outputs(json=json_out, markdown=markdown, plot=plot)
     cfg = read_config(config_path)
     section = cfg.get("compare", {})
     names = methods.split(",") if methods else list(section.get("methods",
@@ -322,6 +337,8 @@ def compare(model, methods, norm, input_path, index, eps, domain, timeout, json_
     norm = parse_norm(norm or section.get("norm", "2"))
     _check_method_settings(names, cfg.get("methods", {}))
     timeout = float(timeout if timeout is not None else section.get("timeout", 120.0))
+    if not (math.isfinite(timeout) and timeout > 0):  # NaN fails too
+        raise InputError(f"--timeout {timeout:g}: give a positive number of seconds per method")
     region = _region(input_path, index, eps, domain)
     options = {name: {**cfg.get("methods", {}).get(name, {})} for name in [*names, "lower"]}
     _check_device(device)
@@ -347,9 +364,7 @@ def compare(model, methods, norm, input_path, index, eps, domain, timeout, json_
         if markdown == "-":
             click.echo(text)
         else:
-            from pathlib import Path
-
-            Path(markdown).write_text(text)
+            write_text(markdown, text, "--markdown")
     if plot:
         compare_plot(graph, rows, lower, plot)
     failed = [r for r in results if r.internal_error]
@@ -396,6 +411,11 @@ def methods() -> None:
 
 
 def main() -> None:
+    import warnings
+
+    # numpy's RuntimeWarnings (overflow in a user's model, ...) are not messages for a person:
+    # what matters is said in the result or in the one-line error
+    warnings.filterwarnings("ignore", category=RuntimeWarning)
     cli(prog_name="lipcert")
 
 

@@ -13,8 +13,10 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .errors import InputError
 from .estimators.base import Bound
 from .ir.graph import Graph
+from .outputs import write_text
 
 
 def fmt(value: float | None, digits: int = 6) -> str:
@@ -58,7 +60,7 @@ def write_json(payload: dict[str, Any], target: str) -> None:
     if target == "-":
         sys.stdout.write(text + "\n")
     else:
-        Path(target).write_text(text + "\n")
+        write_text(target, text + "\n", "--json")
 
 
 def bounds_table(graph: Graph, bounds: list[Bound]) -> Table:
@@ -166,7 +168,10 @@ def write_junit(path: str, graph: Graph, cert, summary: dict[str, Any], gate: fl
                     f"label {cert.labels[i]}, prediction {cert.predictions[i]}"))
     suite.set("tests", str(cases))
     suite.set("failures", str(failures))
-    ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
+    try:
+        ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
+    except OSError as exc:
+        raise InputError(f"--junit {path}: cannot be written ({exc.strerror or exc})") from None
 
 
 def compare_table(graph: Graph, rows: list[dict[str, Any]], lower) -> Table:
@@ -222,8 +227,6 @@ def compare_plot(graph: Graph, rows: list[dict[str, Any]], lower, path: str) -> 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        from .errors import InputError
-
         raise InputError("--plot needs matplotlib: pip install 'lipcert[plot]'") from None
     shown = [r for r in rows if r["upper"] is not None and math.isfinite(r["upper"])]
     fig, ax = plt.subplots(figsize=(1.6 * max(3, len(shown)) + 1, 4))
@@ -242,5 +245,9 @@ def compare_plot(graph: Graph, rows: list[dict[str, Any]], lower, path: str) -> 
     for i, v in enumerate(values):
         ax.text(i, v, fmt(v, 3), ha="center", va="bottom", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120)
+    except (OSError, ValueError) as exc:  # ValueError: an extension matplotlib cannot write
+        raise InputError(f"--plot {path}: cannot be written ({exc})") from None
+    finally:
+        plt.close(fig)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import torch
 from onnx import helper, numpy_helper
 
 from ..errors import InputError, ModelRefused, UnsupportedNode, UnsupportedOpsError
@@ -167,12 +168,13 @@ def malformed_node(ctx: ImportContext, exc: Exception) -> InputError:
 
 def _check_outputs(ctx: ImportContext, node: onnx.NodeProto) -> None:
     """Every node writes at least one value, and no value is written twice (SSA form)."""
-    if not any(node.output):
+    outs = [o for o in node.output if o]
+    if not outs:
         raise InputError(f"node {ctx.node_name!r} ({node.op_type}) has no outputs; the model "
                          "is malformed")
-    twice = [o for o in node.output if o and o in ctx.defined]
-    if twice or len({o for o in node.output if o}) != len([o for o in node.output if o]):
-        name = twice[0] if twice else next(o for o in node.output if node.output.count(o) > 1)
+    twice = [o for o in outs if o in ctx.defined]
+    if twice or len(set(outs)) != len(outs):
+        name = twice[0] if twice else next(o for o in outs if outs.count(o) > 1)
         raise InputError(f"node {ctx.node_name!r} ({node.op_type}) writes the value {name!r}, "
                          "which the graph input, an initializer or another node already "
                          "defines; the model is malformed (ONNX values are written once)")
@@ -210,8 +212,9 @@ def build_graph(model: onnx.ModelProto) -> Graph:
             raise InputError(f"cannot read initializer {t.name!r}: {exc}") from None
     ctx.data[spec.name] = Data(probe_tensor(input_shape))
     problems: list[UnsupportedNode] = []
-    for node in g.node:
-        _import_node(ctx, node, model, problems)
+    with torch.no_grad():
+        for node in g.node:
+            _import_node(ctx, node, model, problems)
     if problems:
         raise UnsupportedOpsError(problems)
     out = g.output[0].name

@@ -72,9 +72,8 @@ def _zeros(shape) -> torch.Tensor:
 
 
 def _run(op: O.Op, probes: list[torch.Tensor]) -> torch.Tensor:
-    try:
-        with torch.no_grad():
-            return evaluate.apply(op, *probes)
+    try:  # build_graph runs under torch.no_grad()
+        return evaluate.apply(op, *probes)
     except Exception as exc:
         raise Malformed(f"does not fit its inputs of shape "
                         f"{[tuple(p.shape) for p in probes]}: {exc}") from None
@@ -98,16 +97,28 @@ class ImportContext:
         self.data: dict[str, Data] = {}
         self.poisoned: set[str] = set()
         self.defined: set[str] = set()  # every value name written so far
+        self.max_values = max_value_elements()
+        self._name: str | None = None
         self.nodes: list[Node] = []
-        self.node: onnx.NodeProto | None = None
+        self._node: onnx.NodeProto | None = None
         self._counter = 0
 
     # -- reading the current node ---------------------------------------------------
     @property
+    def node(self) -> onnx.NodeProto | None:
+        return self._node
+
+    @node.setter
+    def node(self, node: onnx.NodeProto | None) -> None:
+        self._node, self._name = node, None
+
+    @property
     def node_name(self) -> str:
         assert self.node is not None
-        first = self.node.output[0] if self.node.output else "?"
-        return self.node.name or f"{self.node.op_type}->{first}"
+        if self._name is None:
+            first = self.node.output[0] if self.node.output else "?"
+            self._name = self.node.name or f"{self.node.op_type}->{first}"
+        return self._name
 
     def attr(self, name: str, default=None):
         assert self.node is not None
@@ -169,7 +180,7 @@ class ImportContext:
         """Append an IR node; returns the name of its output value."""
         self._check_finite(op)
         probe = infer(op, [self.data[i].probe for i in inputs])
-        limit = max_value_elements()
+        limit = self.max_values
         if probe.numel() > limit:
             raise InputError(f"node {self.node_name!r} ({self.node.op_type}) makes a tensor "
                              f"of shape {tuple(probe.shape)} ({probe.numel():,} values), above "
