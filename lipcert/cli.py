@@ -25,8 +25,15 @@ class LipcertGroup(click.Group):
     """Turns LipcertError into one clear line and its exit code; no tracebacks."""
 
     def invoke(self, ctx: click.Context):
+        import warnings
+
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                # library warnings (numpy overflow in a user's model, torch deprecations)
+                # are not messages for a person: what matters is in the result or the error
+                if not os.environ.get("LIPCERT_DEBUG"):
+                    warnings.simplefilter("ignore")
+                return super().invoke(ctx)
         except LipcertError as exc:
             _err.print(f"[bold red]lipcert: error:[/bold red] {escape(one_line(exc))}",
                        highlight=False)
@@ -411,11 +418,6 @@ def methods() -> None:
 
 
 def main() -> None:
-    import warnings
-
-    # numpy's RuntimeWarnings (overflow in a user's model, ...) are not messages for a person:
-    # what matters is said in the result or in the one-line error
-    warnings.filterwarnings("ignore", category=RuntimeWarning)
     cli(prog_name="lipcert")
 
 

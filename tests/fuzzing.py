@@ -267,9 +267,9 @@ def m_io(m, draw):
     choice = draw(st.sampled_from(["out_name", "out_extra", "in_type", "in_extra", "no_out"]),
                   label="io")
     g = m.graph
-    if choice == "out_name":
+    if choice == "out_name" and len(g.output):
         g.output[0].name = _pick(draw, _values(m), "value")
-    elif choice == "out_extra":
+    elif choice in ("out_extra", "out_name"):
         g.output.append(helper.make_tensor_value_info(_pick(draw, _values(m), "v"),
                                                       TensorProto.FLOAT, None))
     elif choice == "in_type":
