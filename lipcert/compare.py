@@ -19,6 +19,8 @@ DEFAULT_METHODS = ("naive", "gram", "lipsdp", "local", "exact")
 def _child(graph: Graph, method: str, norm: str, options: dict, out: mp.Queue) -> None:
     try:
         out.put(("ok", run_estimator(graph, method, norm, **options)))
+    except KeyboardInterrupt:  # Ctrl-C reached the whole process group: the parent reports
+        return
     except BaseException as exc:  # report, never hang the parent
         out.put(("error", f"{type(exc).__name__}: {exc}"))
 
@@ -36,6 +38,10 @@ def run_with_timeout(graph: Graph, method: str, norm: str, options: dict,
     proc.start()
     try:
         kind, payload = out.get(timeout=timeout)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C: stop the child too, then stop
+        proc.terminate()
+        proc.join(2)
+        raise
     except queue.Empty:
         proc.terminate()
         proc.join(5)

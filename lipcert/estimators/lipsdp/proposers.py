@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import MethodNotApplicable
+from ..common.interrupts import interruptible_scs
 from .certificate import _certify_fixed
 from .lmi import (
     GroupQC,
@@ -121,8 +122,8 @@ def solve_lipsdp(weights, slopes, form: str, solver: str, time_limit: float,
             kwargs["time_limit_secs"] = time_limit
     start = time.perf_counter()
     try:
-        with warnings.catch_warnings():  # "may be inaccurate": the certificate decides
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(), interruptible_scs():
+            warnings.simplefilter("ignore")  # "may be inaccurate": the certificate decides
             problem.solve(solver=solver.upper(), **kwargs)
     except Exception as exc:  # solver failure: no multipliers
         return None, {"status": f"solver error: {exc}", "solve_s": time.perf_counter() - start}
