@@ -160,7 +160,8 @@ def _load(model: str, no_verify: bool):
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--method", "-m", default="naive", show_default=True,
-              help="bounding method (see `lipcert methods`)")
+              help="bounding method: naive, gram, lipsdp, local, exact (reference), lower "
+                   "(estimate); see `lipcert methods`")
 @click.option("--norm", "-n", type=NORM, default="2", show_default=True,
               help="2: l2 -> l2 (spectral); inf: linf -> linf")
 @click.option("--json", "json_out", metavar="OUT", help="write results as JSON ('-': stdout)")
@@ -211,7 +212,8 @@ def bound(model: str, method: str, norm: str, json_out: str | None, no_verify: b
 @click.option("--labels", help="labels .npy when --data is an .npy")
 @click.option("--eps", type=float, help="radius to certify (in the norm of --norm)")
 @click.option("--norm", "-n", type=NORM, help="2 or inf  [default: 2]")
-@click.option("--method", "-m", help="global bounding method  [default: naive]")
+@click.option("--method", "-m", help="bounding method: naive, gram, lipsdp (global) or local "
+                                     "(each sample's box, --norm inf)  [default: naive]")
 @click.option("--min-certified-accuracy", "gate", type=float,
               help="CI gate: exit 1 if certified accuracy at eps is below this fraction")
 @click.option("--report-eps", help="comma-separated radii for the summary (default: eps x "
@@ -300,7 +302,8 @@ def certify(model, data, labels, eps, norm, method, gate, report_eps, json_out, 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--methods", default=None,
-              help="comma-separated methods  [default: naive,gram,lipsdp,local,exact]")
+              help="comma-separated methods  [default: naive,gram,lipsdp for --norm 2; "
+                   "naive,lipsdp,local,exact for --norm inf]")
 @click.option("--norm", "-n", type=NORM, help="2 or inf  [default: 2]")
 @click.option("--input", "input_path", help="point x0 (.npy, or .npz with --index) for a local "
                                             "box of radius --eps")
@@ -338,10 +341,16 @@ def compare(model, methods, norm, input_path, index, eps, domain, timeout, json_
     check_outputs(json=json_out, markdown=markdown, plot=plot)
     cfg = read_config(config_path)
     section = cfg.get("compare", {})
-    names = methods.split(",") if methods else list(section.get("methods",
-                                                                 CMP.DEFAULT_METHODS))
-    names = [m.strip() for m in names if m.strip()]
     norm = parse_norm(norm or section.get("norm", "2"))
+    if methods is not None:
+        names = methods.split(",")
+    elif "methods" in section:
+        names = list(section["methods"])
+    else:  # the defaults that apply to this norm (local and exact are linf only)
+        names = CMP.default_methods(norm)
+    names = [m.strip() for m in names if m.strip()]
+    if not names:
+        raise InputError("--methods: give at least one method, e.g. --methods naive,gram")
     _check_method_settings(names, cfg.get("methods", {}))
     timeout = float(timeout if timeout is not None else section.get("timeout", 120.0))
     if not (math.isfinite(timeout) and timeout > 0):  # NaN fails too

@@ -16,6 +16,13 @@ from .ir.graph import Graph
 DEFAULT_METHODS = ("naive", "gram", "lipsdp", "local", "exact")
 
 
+def default_methods(norm: str) -> list[str]:
+    """compare's default list: the methods of DEFAULT_METHODS that support ``norm``."""
+    from .estimators import get_estimator
+
+    return [m for m in DEFAULT_METHODS if norm in get_estimator(m).norms]
+
+
 def _child(graph: Graph, method: str, norm: str, options: dict, out: mp.Queue) -> None:
     try:
         out.put(("ok", run_estimator(graph, method, norm, **options)))

@@ -60,3 +60,26 @@ def test_bad_input_exit_code_2_without_traceback(tmp_path, args):
     result = run(*args)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
+
+
+def test_help_lists_every_method():
+    from lipcert.estimators import REGISTRY, load_all
+
+    load_all()
+    text = " ".join(run("bound", "--help").output.split())
+    for name in REGISTRY:
+        assert name in text, name
+    assert "global bounding method" not in run("certify", "--help").output
+
+
+@pytest.mark.parametrize("norm,expected", [("2", ["naive", "gram", "lipsdp"]),
+                                           ("inf", ["naive", "lipsdp", "local", "exact"])])
+def test_compare_defaults_follow_the_norm(norm, expected):
+    from lipcert.compare import default_methods
+
+    assert default_methods(norm) == expected
+
+
+def test_compare_empty_method_list_is_refused():
+    result = run("compare", MODELS / "digits_mlp.onnx", "--methods", ",")
+    assert result.exit_code == 2 and "--methods" in result.stderr
