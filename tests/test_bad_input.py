@@ -44,6 +44,9 @@ MALFORMED = {
     "two nodes write one value": (
         [n("Relu", ["x"], ["h"]), n("Sigmoid", ["x"], ["h"]), n("Relu", ["h"], ["y"])], [],
         "writes the value 'h'"),
+    "a node overwrites a folded constant": (
+        [n("Constant", [], ["c"], value=_f("cv", np.ones(4))), n("Relu", ["x"], ["c"]),
+         n("Add", ["x", "c"], ["y"])], [], "writes the value 'c'"),
     "constant without a value": (
         [n("Constant", [], ["c"]), n("Add", ["x", "c"], ["y"])], [], "Constant"),
     "node without outputs": ([n("Relu", ["x"], []), n("Relu", ["x"], ["y"])], [], "no outputs"),

@@ -120,6 +120,7 @@ def _import_node(ctx: ImportContext, node: onnx.NodeProto, model: onnx.ModelProt
     node is recorded and poisons its outputs (so what depends on it is named too)."""
     ctx.node = node
     _check_outputs(ctx, node)
+    ctx.defined.update(o for o in node.output if o)
     present = [i for i in node.input if i]
     if any(i in ctx.poisoned for i in present):
         # downstream of an unsupported node: still name it if lipcert cannot handle it
@@ -152,7 +153,6 @@ def _import_node(ctx: ImportContext, node: onnx.NodeProto, model: onnx.ModelProt
         raise
     except Exception as exc:  # Malformed, or a handler that met numbers it cannot use
         raise malformed_node(ctx, exc) from None
-    ctx.defined.update(o for o in node.output if o)
 
 
 def malformed_node(ctx: ImportContext, exc: Exception) -> InputError:
