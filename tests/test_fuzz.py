@@ -10,7 +10,9 @@ tests/test_fuzz.py`` (the number is a percentage of the CI counts).
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from functools import cache
 from pathlib import Path
@@ -40,6 +42,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 FUZZ = dict(deadline=None, derandomize=not os.environ.get("LIPCERT_FUZZ_RANDOM"),
             suppress_health_check=list(HealthCheck), database=None)
 TMP = Path(tempfile.mkdtemp(prefix="lipcert-fuzz-"))
+atexit.register(shutil.rmtree, TMP, True)
 COMMANDS = [("naive", "2"), ("naive", "inf"), ("gram", "2"), ("lipsdp", "2"), ("local", "inf"),
             ("inspect", None)]
 
