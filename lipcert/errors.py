@@ -63,3 +63,19 @@ class InternalCheckFailed(LipcertError):
     or in a solver it relies on, and should be reported."""
 
     exit_code = 3
+
+
+def positive_int_env(name: str, default: int, unit: str) -> int:
+    """A positive integer setting read from the environment variable ``name``."""
+    import os
+
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InputError(f"{name}={raw!r}: expected a number of {unit}") from None
+    if value <= 0:
+        raise InputError(f"{name}={raw!r}: expected a positive number of {unit}")
+    return value

@@ -4,7 +4,6 @@ nodes, and the helpers every op handler uses."""
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -12,7 +11,7 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from ..errors import InputError
+from ..errors import InputError, positive_int_env
 from ..ir import evaluate
 from ..ir import ops as O
 from ..ir.graph import Node
@@ -33,16 +32,7 @@ DEFAULT_MAX_VALUES = 1 << 24  # 16.8M numbers per tensor (a 224x224 image has 0.
 
 def max_value_elements() -> int:
     """The largest tensor (input or intermediate) lipcert accepts, in elements."""
-    raw = os.environ.get(MAX_VALUES_ENV)
-    if raw is None:
-        return DEFAULT_MAX_VALUES
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InputError(f"{MAX_VALUES_ENV}={raw!r}: expected a number of elements") from None
-    if value <= 0:
-        raise InputError(f"{MAX_VALUES_ENV}={raw!r}: expected a positive number of elements")
-    return value
+    return positive_int_env(MAX_VALUES_ENV, DEFAULT_MAX_VALUES, "elements")
 
 
 @dataclass

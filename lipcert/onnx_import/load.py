@@ -4,13 +4,12 @@ and external tensor data only from the model's own folder."""
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import onnx
 from onnx import external_data_helper
 
-from ..errors import InputError
+from ..errors import InputError, positive_int_env
 
 MAX_BYTES_ENV = "LIPCERT_MAX_MODEL_BYTES"
 DEFAULT_MAX_BYTES = 2 * 1024**3  # protobuf's own limit for one message
@@ -18,16 +17,7 @@ DEFAULT_MAX_BYTES = 2 * 1024**3  # protobuf's own limit for one message
 
 def max_model_bytes() -> int:
     """The largest model file lipcert reads (LIPCERT_MAX_MODEL_BYTES raises it)."""
-    raw = os.environ.get(MAX_BYTES_ENV)
-    if raw is None:
-        return DEFAULT_MAX_BYTES
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InputError(f"{MAX_BYTES_ENV}={raw!r}: expected a number of bytes") from None
-    if value <= 0:
-        raise InputError(f"{MAX_BYTES_ENV}={raw!r}: expected a positive number of bytes")
-    return value
+    return positive_int_env(MAX_BYTES_ENV, DEFAULT_MAX_BYTES, "bytes")
 
 
 def sha256_of(path: str | Path) -> str:
