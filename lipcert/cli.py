@@ -325,7 +325,7 @@ def compare(model, methods, norm, input_path, index, eps, domain, timeout, json_
     from .config import read_config
     from .errors import InputError
     from .estimators import parse_norm
-    from .outputs import check_outputs, write_text
+    from .outputs import check_outputs, check_plot_path, write_text
     from .report import (
         bounds_payload,
         compare_markdown,
@@ -338,7 +338,8 @@ def compare(model, methods, norm, input_path, index, eps, domain, timeout, json_
     if json_out == "-" and markdown == "-":
         raise InputError("--json - and --markdown - both write to stdout; send one of them to "
                          "a file")
-    check_outputs(json=json_out, markdown=markdown, plot=plot)
+    check_outputs(json=json_out, markdown=markdown)
+    check_plot_path(plot)
     cfg = read_config(config_path)
     section = cfg.get("compare", {})
     norm = parse_norm(norm or section.get("norm", "2"))

@@ -65,8 +65,5 @@ def check_outputs(**paths: str | None) -> None:
     """``check_outputs(json=..., markdown=...)``: each named flag's path, '-' allowed for
     json and markdown (stdout)."""
     for name, path in paths.items():
-        if name == "plot":
-            check_plot_path(path)
-            continue
         flag = "--" + name.replace("_", "-")
         check_output_path(path, flag, stdout_ok=name in ("json", "markdown"))

@@ -140,10 +140,14 @@ def _index(draw, n: int, label: str) -> int | None:
     return draw(st.integers(0, n - 1), label=label) if n else None
 
 
-def m_drop_node(m, draw):
-    i = _index(draw, len(m.graph.node), "node")
+def _drop_one(items, draw, label: str) -> None:
+    i = _index(draw, len(items), label)
     if i is not None:
-        del m.graph.node[i]
+        del items[i]
+
+
+def m_drop_node(m, draw):
+    _drop_one(m.graph.node, draw, "node")
 
 
 def m_duplicate_node(m, draw):
@@ -176,9 +180,7 @@ def m_rewire(m, draw):
 
 
 def m_drop_initializer(m, draw):
-    i = _index(draw, len(m.graph.initializer), "init")
-    if i is not None:
-        del m.graph.initializer[i]
+    _drop_one(m.graph.initializer, draw, "init")
 
 
 def _init_array(m, draw):

@@ -16,11 +16,11 @@ from ..errors import InputError, ModelRefused, UnsupportedNode, UnsupportedOpsEr
 from ..ir.graph import Graph
 from . import handlers  # noqa: F401  (registers handlers)
 from .context import (
-    MAX_VALUES_ENV,
     Data,
     ImportContext,
     Malformed,
     Unsupported,
+    check_size,
     max_value_elements,
     probe_tensor,
 )
@@ -180,15 +180,6 @@ def _check_outputs(ctx: ImportContext, node: onnx.NodeProto) -> None:
                          "defines; the model is malformed (ONNX values are written once)")
 
 
-def _check_input_size(name: str, shape: tuple[int, ...]) -> None:
-    size, limit = 1, max_value_elements()
-    for d in shape:
-        size *= d
-    if size > limit:
-        raise ModelRefused(f"input {name!r} has shape {shape} ({size:,} values), above the "
-                           f"limit of {limit:,}; set {MAX_VALUES_ENV}=N to allow larger inputs")
-
-
 def build_graph(model: onnx.ModelProto) -> Graph:
     """Import ``model``; raises UnsupportedOpsError listing every unsupported node."""
     opset = default_opset(model)
@@ -201,7 +192,7 @@ def build_graph(model: onnx.ModelProto) -> Graph:
     if len(g.output) != 1:
         raise ModelRefused(f"the model has {len(g.output)} outputs "
                            f"{[o.name for o in g.output]}; lipcert bounds single-output models")
-    _check_input_size(spec.name, input_shape)
+    check_size(input_shape, f"input {spec.name!r}", max_value_elements())
     used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
     ctx = ImportContext(opset, used)
     ctx.defined = {spec.name} | {t.name for t in g.initializer}

@@ -69,12 +69,27 @@ def _run(op: O.Op, probes: list[torch.Tensor]) -> torch.Tensor:
                         f"{[tuple(p.shape) for p in probes]}: {exc}") from None
 
 
-def infer(op: O.Op, probes: list[torch.Tensor]) -> torch.Tensor:
+def check_size(shape: tuple[int, ...], what: str, limit: int) -> None:
+    """Refuse a tensor above ``limit`` values (LIPCERT_MAX_VALUE_ELEMENTS), naming it."""
+    size = math.prod(shape)
+    if size > limit:
+        raise InputError(f"{what} has shape {tuple(shape)} ({size:,} values), above the limit "
+                         f"of {limit:,}; set {MAX_VALUES_ENV}=N to allow larger tensors")
+
+
+def infer(op: O.Op, probes: list[torch.Tensor], limit: int, what: str) -> torch.Tensor:
     """The op applied to shape carriers: on the CPU when inputs are small and the op cannot
-    blow up, otherwise on torch's meta device first (shapes only, no allocation)."""
+    blow up; otherwise on torch's meta device first (shapes only, no allocation), then,
+    once the output is known to be within ``limit`` and small, on real zeros so that value
+    errors (an index out of range) show too."""
     if all(not p.is_meta for p in probes) and not isinstance(op, _MAY_GROW):
-        return _run(op, probes)
-    return _run(op, [torch.empty(p.shape, device="meta") for p in probes])
+        probe = _run(op, probes)
+    else:
+        probe = _run(op, [torch.empty(p.shape, device="meta") for p in probes])
+    check_size(tuple(probe.shape), what, limit)
+    if probe.is_meta and probe.numel() <= _CPU_ELEMENTS:
+        probe = _run(op, [_zeros(p.shape) for p in probes])
+    return probe
 
 
 class ImportContext:
@@ -162,22 +177,12 @@ class ImportContext:
         assert self.node is not None
         return i < len(self.node.output) and self.node.output[i] in self.used_values
 
-    def data_probes(self, inputs) -> list[torch.Tensor]:
-        return [self.data[i].probe for i in inputs]
-
     # -- writing ----------------------------------------------------------------------
     def emit(self, op: O.Op, inputs: list[str] | tuple[str, ...], out: str | None = None) -> str:
         """Append an IR node; returns the name of its output value."""
         self._check_finite(op)
-        probe = infer(op, [self.data[i].probe for i in inputs])
-        limit = self.max_values
-        if probe.numel() > limit:
-            raise InputError(f"node {self.node_name!r} ({self.node.op_type}) makes a tensor "
-                             f"of shape {tuple(probe.shape)} ({probe.numel():,} values), above "
-                             f"the limit of {limit:,}; set {MAX_VALUES_ENV}=N to allow larger "
-                             "tensors")
-        if probe.is_meta and probe.numel() <= _CPU_ELEMENTS:  # now small: check values too
-            probe = _run(op, [_zeros(p.shape) for p in self.data_probes(inputs)])
+        probe = infer(op, [self.data[i].probe for i in inputs], self.max_values,
+                      f"node {self.node_name!r} ({self.node.op_type}) makes a tensor that")
         if out is None:
             self._counter += 1
             out = f"{self.node.output[0] if self.node and self.node.output else 'v'}" \
