@@ -6,11 +6,11 @@ from __future__ import annotations
 import math
 import os
 import sys
+from contextlib import contextmanager
 
 import click
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from . import __version__
 from .errors import LipcertError
@@ -53,6 +53,18 @@ class LipcertGroup(click.Group):
                        f"{escape(one_line(exc))} (set LIPCERT_DEBUG=1 for a traceback; please "
                        "report it)", highlight=False)
             sys.exit(3)
+
+
+@contextmanager
+def _working(text: str):
+    """A transient status line on stderr with a spinner and the time elapsed (refreshed
+    even while the work reports nothing); yields the function that changes its text."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=_err, transient=True) as bar:
+        task = bar.add_task(text, total=None)
+        yield lambda new: bar.update(task, description=escape(new))
 
 
 def one_line(exc: BaseException, limit: int = 2000) -> str:
@@ -193,8 +205,8 @@ def bound(model: str, method: str, norm: str, json_out: str | None, no_verify: b
     get_estimator(method).parse_settings(options)
     graph = _load(model, no_verify)
     _check_region(graph, options)
-    with _err.status(f"bounding with {method} …") as status:
-        options.setdefault("progress", lambda text: status.update(
+    with _working(f"{method}: working …") as update:
+        options.setdefault("progress", lambda text: update(
             f"{method}: {text} …" if text else f"{method}: working …"))
         result = run_estimator(graph, method, norm, self_check=not no_self_check, **options)
     if result.internal_error:  # print no table with a number-shaped hole: say why, exit 3
@@ -363,27 +375,33 @@ def compare(model, methods, norm, input_path, index, eps, domain, timeout, json_
         options[name].setdefault("device", device)
     graph = _load(model, no_verify)
     _check_region(graph, region)
-    with _err.status("comparing …") as status:
+    with _working("sampled lower bound …") as update:
         results, lower = CMP.compare(
             graph, names, norm, options=options, timeout=timeout, region=region,
-            progress=lambda m: status.update(f"running {m} …"),
+            progress=lambda m: update(f"{m} ({names.index(m) + 1} of {len(names)}, at most "
+                                      f"{timeout:g} s) …"),
             self_check=not no_self_check)
-    rows = CMP.compare_payload_rows(results, lower)
-    print_table(compare_table(graph, rows, lower), to_stderr="-" in (json_out, markdown))
+    region_given = bool(region)
+    rows = CMP.compare_payload_rows(results, lower, region_given)
+    best = CMP.best_lower(results, lower, region_given)
+    print_table(compare_table(graph, rows, lower, best), to_stderr="-" in (json_out, markdown))
     if json_out:
         payload = bounds_payload(graph, [], lower_bound=lower.to_json(),
+                                 best_lower_bound=None if best is None else {
+                                     "value": best.value, "source": best.source,
+                                     "region": best.region},
                                  region={k: v for k, v in region.items() if k != "center"}
                                  | ({"has_center": True} if "center" in region else {}))
         payload["results"] = rows
         write_json(payload, json_out)
     if markdown:
-        text = compare_markdown(graph, rows, lower)
+        text = compare_markdown(graph, rows, lower, best)
         if markdown == "-":
             click.echo(text)
         else:
             write_text(markdown, text, "--markdown")
     if plot:
-        compare_plot(graph, rows, lower, plot)
+        compare_plot(graph, rows, lower, best, plot)
     failed = [r for r in results if r.internal_error]
     if failed:
         from .errors import InternalCheckFailed
@@ -396,12 +414,13 @@ def compare(model, methods, norm, input_path, index, eps, domain, timeout, json_
 @click.option("--no-verify", is_flag=True, help="skip the onnxruntime fidelity check")
 def inspect(model: str, no_verify: bool) -> None:
     """Show MODEL as lipcert reads it: IR nodes, ops, shapes, parameter counts."""
-    from .report import inspect_table, print_table
+    from .report import inspect_table
 
     graph = _load(model, no_verify)
-    print_table(inspect_table(graph))
+    console = Console()
+    console.print(inspect_table(graph))
     for note in graph.notes:
-        click.echo(f"note: {note}")
+        console.print(f"note: {note}", highlight=False, markup=False)
 
 
 @cli.command()
@@ -409,22 +428,25 @@ def methods() -> None:
     """List the bounding methods and what each supports."""
     from .estimators import REGISTRY, load_all
     from .onnx_import import supported_op_types
+    from .tables import Column, FoldingTable
 
     load_all()
     from .estimators.settings import describe
 
-    table = Table(title="lipcert methods")
-    for col in ("method", "norms", "scope", "certificate", "IR ops", "settings (-o KEY=VALUE)",
-                "what it computes"):
-        table.add_column(col, overflow="fold")
+    table = FoldingTable("lipcert methods", [
+        Column("method"), Column("norms"), Column("scope"), Column("certificate"),
+        Column("IR ops", fold=True), Column("settings (-o KEY=VALUE)", fold=True),
+        Column("what it computes", fold=True)])
     for name, est in sorted(REGISTRY.items()):
         settings = ", ".join(f"{row['name']}={row['default']}" if row["default"] is not None
                              else row["name"] for row in describe(est.settings)) or "-"
         table.add_row(name, ", ".join(f"l{n}" for n in est.norms), est.scope,
                       "yes" if est.certificate else "no (estimate)",
                       ", ".join(est.supported_ops()), settings, est.summary)
-    Console().print(table)
-    click.echo("ONNX ops the importer reads: " + ", ".join(supported_op_types()))
+    console = Console()
+    console.print(table)
+    console.print("ONNX ops the importer reads: " + ", ".join(supported_op_types()),
+                  highlight=False, markup=False)
 
 
 def main() -> None:

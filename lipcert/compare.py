@@ -8,6 +8,7 @@ import multiprocessing as mp
 import queue
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .estimators import Bound, get_estimator, run_estimator
@@ -95,7 +96,7 @@ def compare(graph: Graph, methods: list[str], norm: str, *, options: dict[str, d
 
 def tightness(upper: float | None, lower: float | None) -> tuple[float | None, str]:
     """Ratio upper / lower and a word for it."""
-    if upper is None or lower is None or lower <= 0:
+    if upper is None or lower is None or not lower > 0:  # NaN fails
         return None, "-"
     ratio = upper / lower
     if not math.isfinite(ratio):
@@ -107,18 +108,85 @@ def tightness(upper: float | None, lower: float | None) -> tuple[float | None, s
     return ratio, f"{shown} {label}"
 
 
-def best_sound(results: list[Bound]) -> Bound | None:
+def best_sound(results: list[Bound], region_given: bool = True) -> Bound | None:
+    """The tightest certificate. Without a compared region, box-scoped bounds (on their
+    default box) answer another question than global ones: the best is then a global bound
+    when there is one."""
     sound = [r for r in results if r.sound and r.upper is not None]
+    if not region_given and any(r.scope == "global" for r in sound):
+        sound = [r for r in sound if r.scope == "global"]
     return min(sound, key=lambda r: r.upper) if sound else None
 
 
-def compare_payload_rows(results: list[Bound], lower: Bound) -> list[dict[str, Any]]:
-    rows = []
-    best = best_sound(results)
+@dataclass(frozen=True)
+class LowerEvidence:
+    """A value at most the true constant on ``region`` ("global" or the compared box): the
+    sampled yardstick, or a value a method attained (local's leaf LPs and the Jacobian at the
+    centre, exact's MIP incumbent)."""
+
+    value: float
+    source: str
+    region: str
+
+
+_SOURCES = {"lower": "sampled", "local": "local's attained value",
+            "exact": "exact's attained incumbent"}
+
+
+def _region_key(bound: Bound, region_given: bool) -> str:
+    """Where a bound holds: every box-scoped method of one compare run bounds the compared
+    region when one is given, else its own default box (named by its description)."""
+    if bound.scope == "global":
+        return "global"
+    if region_given:
+        return "region"
+    return (bound.region or {}).get("describe", bound.method)
+
+
+def lower_evidence(results: list[Bound], lower: Bound, region_given: bool) -> list[LowerEvidence]:
+    """Every positive lower value the run produced, largest first."""
+    found = []
+    if lower.lower is not None and lower.lower > 0:
+        found.append(LowerEvidence(lower.lower, _SOURCES["lower"],
+                                   "region" if region_given else "global"))
     for r in results:
-        ratio, label = tightness(r.upper, lower.lower)
+        if r.lower is not None and r.lower > 0 and r.method != "lower":
+            found.append(LowerEvidence(r.lower, _SOURCES.get(r.method,
+                                                             f"{r.method}'s attained value"),
+                                       _region_key(r, region_given)))
+    return sorted(found, key=lambda e: -e.value)
+
+
+def best_lower_for(bound: Bound, evidence: list[LowerEvidence],
+                   region_given: bool) -> LowerEvidence | None:
+    """The largest lower value that applies to ``bound``'s scope: any value for a global bound
+    (a constant on a box is at most the global one), only values on the same box for a
+    box-scoped one (a global sample may lie outside it)."""
+    key = _region_key(bound, region_given)
+    for e in evidence:  # largest first
+        if key == "global" or e.region == key:
+            return e
+    return None
+
+
+def compare_payload_rows(results: list[Bound], lower: Bound,
+                         region_given: bool = False) -> list[dict[str, Any]]:
+    rows = []
+    best = best_sound(results, region_given)
+    evidence = lower_evidence(results, lower, region_given)
+    for r in results:
+        used = best_lower_for(r, evidence, region_given)
+        ratio, label = tightness(r.upper, used.value if used else None)
         row = r.to_json()
-        row.update({"lower_bound": lower.lower, "ratio": ratio, "tightness": label,
-                    "best": r is best})
+        row.update({"lower_bound": used.value if used else None,
+                    "lower_bound_source": used.source if used else None,
+                    "ratio": ratio, "tightness": label, "best": r is best})
         rows.append(row)
     return rows
+
+
+def best_lower(results: list[Bound], lower: Bound, region_given: bool) -> LowerEvidence | None:
+    """The largest lower value of the run: a lower bound on the global constant, and on the
+    compared region's when one is given (a box constant is at most the global one)."""
+    evidence = lower_evidence(results, lower, region_given)
+    return evidence[0] if evidence else None

@@ -10,13 +10,14 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
 from . import __version__
 from .errors import InputError
 from .estimators.base import Bound
 from .ir.graph import Graph
 from .outputs import write_text
+from .tables import Column, FoldingTable
 
 
 def fmt(value: float | None, digits: int = 6) -> str:
@@ -63,43 +64,46 @@ def write_json(payload: dict[str, Any], target: str) -> None:
         write_text(target, text + "\n", "--json")
 
 
-def bounds_table(graph: Graph, bounds: list[Bound]) -> Table:
+def bounds_table(graph: Graph, bounds: list[Bound]) -> FoldingTable:
     path = graph.meta.get("path", "model")
-    table = Table(title=f"lipcert bound: {path}", show_lines=False)
-    for col in ("model", "norm", "method", "bound", "time", "notes"):
-        table.add_column(col, overflow="fold", justify="right" if col in ("bound", "time")
-                         else "left")
+    table = FoldingTable(f"lipcert bound: {path}", [
+        Column("model"), Column("norm"), Column("method"), Column("bound", "right"),
+        Column("time", "right"), Column("notes", fold=True)])
     for b in bounds:
         value = fmt(b.upper) if b.upper is not None else (
             f"≥ {fmt(b.lower)}" if b.lower is not None else "[red]none[/red]")
         table.add_row(Path(str(path)).name, f"l{b.norm}", b.method, value, f"{b.time_s:.2f}s",
-                      "\n".join(b.notes))
+                      escape("\n".join(b.notes)))
     return table
 
 
-def print_table(table: Table, to_stderr: bool = False) -> None:
+def print_table(table, to_stderr: bool = False) -> None:
     Console(stderr=to_stderr, soft_wrap=False).print(table)
 
 
-def inspect_table(graph: Graph) -> Table:
-    table = Table(title=f"{graph.meta.get('path', 'model')}: {len(graph.nodes)} IR nodes, "
-                        f"{graph.parameter_count():,} parameters")
-    for col in ("#", "op", "inputs", "output shape", "params", "from ONNX node(s)", "attributes"):
-        table.add_column(col, overflow="fold")
-    table.add_row("", "input", "", str(graph.input_shape), "", graph.input, "")
+def inspect_table(graph: Graph) -> FoldingTable:
+    table = FoldingTable(
+        f"{graph.meta.get('path', 'model')}: {len(graph.nodes)} IR nodes, "
+        f"{graph.parameter_count():,} parameters",
+        [Column("#", "right"), Column("op"), Column("inputs"), Column("output shape"),
+         Column("params", "right"), Column("from ONNX node(s)", fold=True),
+         Column("attributes", fold=True)])
+    table.add_row("", "input", "", str(graph.input_shape), "", escape(graph.input), "")
     for k, node in enumerate(graph.nodes, 1):
         params = sum(a.size for a in node.op.arrays().values())
-        table.add_row(str(k), node.op.kind, ", ".join(node.inputs), str(node.shape),
-                      f"{params:,}" if params else "", node.source, node.op.describe())
+        table.add_row(str(k), node.op.kind, escape(", ".join(node.inputs)), str(node.shape),
+                      f"{params:,}" if params else "", escape(node.source),
+                      escape(node.op.describe()))
     return table
 
 
-def certify_table(graph: Graph, cert, summary: dict[str, Any], gate: float | None) -> Table:
+def certify_table(graph: Graph, cert, summary: dict[str, Any],
+                  gate: float | None) -> FoldingTable:
     title = (f"lipcert certify: {Path(str(graph.meta.get('path', 'model'))).name} "
              f"(l{cert.norm}, {cert.method}, eps={cert.eps:g})")
-    table = Table(title=title)
-    table.add_column("quantity")
-    table.add_column("value", justify="right")
+    table = FoldingTable(title, [Column("quantity"), Column("value", "right")],
+                         caption=escape("notes: " + "; ".join(cert.notes)) if cert.notes
+                         else None)
     table.add_row("samples", str(summary["samples"]))
     table.add_row("clean accuracy", f"{summary['clean_accuracy']:.2%}")
     for eps, acc in summary["certified_accuracy_at"].items():
@@ -174,22 +178,36 @@ def write_junit(path: str, graph: Graph, cert, summary: dict[str, Any], gate: fl
         raise InputError(f"--junit {path}: cannot be written ({exc.strerror or exc})") from None
 
 
-def compare_table(graph: Graph, rows: list[dict[str, Any]], lower) -> Table:
+def _lower_title(best) -> str:
+    return ("no lower bound" if best is None else
+            f"best lower bound {fmt(best.value)} ({best.source})")
+
+
+def compare_table(graph: Graph, rows: list[dict[str, Any]], lower: Bound, best) -> FoldingTable:
+    """One row per method, then the sampled yardstick with its time; the tightness of each
+    bound is against the largest lower value that applies to it (see ``lower_bound_source``)."""
     path = Path(str(graph.meta.get("path", "model"))).name
-    norm = rows[0]["norm"] if rows else lower.norm
-    table = Table(title=f"lipcert compare: {path} (l{norm}); lower bound {fmt(lower.lower)}")
-    for col, just in (("method", "left"), ("upper bound", "right"), ("lower bound", "right"),
-                      ("upper / lower", "left"), ("time", "right"), ("status / notes", "left")):
-        table.add_column(col, justify=just, overflow="fold")
+    table = FoldingTable(f"lipcert compare: {path} (l{lower.norm}); {_lower_title(best)}", [
+        Column("method"), Column("upper bound", "right"), Column("lower bound", "right"),
+        Column("upper / lower"), Column("time", "right"),
+        Column("status / notes", fold=True)])
     for row in rows:
-        style = "bold green" if row["best"] else None
         upper = fmt(row["upper"]) if row["upper"] is not None else "-"
         if not row["sound"] and row["upper"] is not None:
             upper += " (ref)"
-        status = _status(row)
         table.add_row(row["method"], upper, fmt(row["lower_bound"]), row["tightness"],
-                      f"{row['time_s']:.2f}s", status, style=style)
+                      f"{row['time_s']:.2f}s", escape(_status(row)),
+                      style="bold green" if row["best"] else None)
+    table.add_row("lower", "-", fmt(lower.lower), "-", f"{lower.time_s:.2f}s",
+                  escape(_lower_status(lower)), style="dim")
     return table
+
+
+def _lower_status(lower: Bound) -> str:
+    if lower.lower is None:
+        return next(iter(reversed(lower.notes)), "no value")
+    return (f"sampled {lower.scope} lower bound ({lower.details.get('samples', '?')} starting "
+            "points): the yardstick, not a bound")
 
 
 def _status(row: dict[str, Any]) -> str:
@@ -199,51 +217,100 @@ def _status(row: dict[str, Any]) -> str:
     parts = ["best" if row["best"] else ("certified" if row["sound"] else "reference")]
     if row.get("scope") not in (None, "global"):
         parts.append(f"scope {row['scope']}")
+    source = row.get("lower_bound_source")
+    if source:
+        parts.append("ratio to " + ("the sampled lower bound" if source == "sampled"
+                                    else source))
     return ", ".join(parts)
 
 
-def compare_markdown(graph: Graph, rows: list[dict[str, Any]], lower) -> str:
+def compare_markdown(graph: Graph, rows: list[dict[str, Any]], lower: Bound, best) -> str:
     path = Path(str(graph.meta.get("path", "model"))).name
-    norm = rows[0]["norm"] if rows else lower.norm
-    lines = [f"### lipcert compare: `{path}` (l{norm})", "",
-             f"Empirical lower bound: **{fmt(lower.lower)}**", "",
-             "| method | upper bound | upper / lower | time | status |",
-             "|---|---:|---|---:|---|"]
+    lines = [f"### lipcert compare: `{path}` (l{lower.norm})", "",
+             f"{_lower_title(best).capitalize()}; sampled lower bound {fmt(lower.lower)} "
+             f"in {lower.time_s:.2f} s.", "",
+             "| method | upper bound | lower bound | upper / lower | time | status |",
+             "|---|---:|---:|---|---:|---|"]
     for row in rows:
         upper = fmt(row["upper"]) if row["upper"] is not None else "—"
         if row["best"]:
             upper = f"**{upper}**"
         status = _status(row).replace("|", "\\|")
-        lines.append(f"| {row['method']} | {upper} | {row['tightness']} | "
-                     f"{row['time_s']:.2f} s | {status} |")
+        lines.append(f"| {row['method']} | {upper} | {fmt(row['lower_bound'])} | "
+                     f"{row['tightness']} | {row['time_s']:.2f} s | {status} |")
     return "\n".join(lines) + "\n"
 
 
-def compare_plot(graph: Graph, rows: list[dict[str, Any]], lower, path: str) -> None:
-    """Bar chart (log scale) of each method's bound against the lower bound."""
+def _missing_reason(row: dict[str, Any]) -> str:
+    details = row.get("details") or {}
+    if details.get("timed_out"):
+        return "timed out"
+    if details.get("not_applicable"):
+        return "not applicable"
+    if details.get("error") or details.get("internal_error"):
+        return "failed"
+    return "no bound"
+
+
+def _plain(value: float) -> str:
+    """A number as people read it on an axis: 1,921 rather than 1.92e+03 (below a million)."""
+    if 100 <= abs(value) < 1e6:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
+def compare_plot(graph: Graph, rows: list[dict[str, Any]], lower: Bound, best,
+                 path: str) -> None:
+    """Bars of every method's bound from one shared baseline (log scale, whole decades, so
+    the heights compare honestly), the best lower bound as a line, a legend for every colour,
+    and a labelled mark for each method that gave no bound."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
+        from matplotlib.ticker import FuncFormatter, LogLocator
     except ImportError:
         raise InputError("--plot needs matplotlib: pip install 'lipcert[plot]'") from None
-    shown = [r for r in rows if r["upper"] is not None and math.isfinite(r["upper"])]
-    fig, ax = plt.subplots(figsize=(1.6 * max(3, len(shown)) + 1, 4))
-    names = [r["method"] for r in shown]
-    values = [r["upper"] for r in shown]
-    colors = ["tab:green" if r["best"] else ("tab:blue" if r["sound"] else "tab:gray")
-              for r in shown]
-    ax.bar(names, values, color=colors)
-    if lower.lower:
-        ax.axhline(lower.lower, color="tab:red", linestyle="--",
-                   label=f"lower bound {fmt(lower.lower, 4)}")
-        ax.legend()
+    values = [r["upper"] if r["upper"] is not None and math.isfinite(r["upper"]) else None
+              for r in rows]
+    numbers = [v for v in values if v is not None and v > 0]
+    if best is not None:
+        numbers.append(best.value)
+    low = 10.0 ** math.floor(math.log10(min(numbers))) if numbers else 0.1
+    high = 10.0 ** math.ceil(math.log10(max(numbers) * 1.5)) if numbers else 10.0
+    if high <= low * 10:
+        high = low * 100
+    fig, ax = plt.subplots(figsize=(1.6 * max(3, len(rows)) + 1.5, 4.5))
+    colour = {"best": "tab:green", "certified": "tab:blue", "reference": "tab:gray"}
+    kinds: set[str] = set()
+    for i, (row, v) in enumerate(zip(rows, values, strict=True)):
+        if v is None or v <= 0:
+            ax.plot(i, low * 1.3, marker="x", color="tab:red", markersize=10)
+            ax.text(i, low * 1.6, _missing_reason(row), ha="center", va="bottom", fontsize=8,
+                    color="tab:red", rotation=90)
+            continue
+        kind = "best" if row["best"] else ("certified" if row["sound"] else "reference")
+        ax.bar(i, v - low, bottom=low, color=colour[kind])
+        ax.text(i, v, _plain(v), ha="center", va="bottom", fontsize=8)
+        kinds.add(kind)
+    handles = [Patch(color=c, label=f"{k} upper bound" if k != "reference"
+                     else "reference value (not a certificate)")
+               for k, c in colour.items() if k in kinds]
+    if best is not None:
+        handles.append(ax.axhline(best.value, color="tab:red", linestyle="--",
+                                  label=f"lower bound {fmt(best.value, 4)} ({best.source})"))
+    if any(v is None or v <= 0 for v in values):
+        handles.append(ax.plot([], [], "x", color="tab:red", label="no bound (reason above)")[0])
+    ax.set_xticks(range(len(rows)), [r["method"] for r in rows])
     ax.set_yscale("log")
-    ax.set_ylabel(f"Lipschitz bound (l{lower.norm})")
+    ax.set_ylim(low, high)
+    ax.yaxis.set_major_locator(LogLocator(base=10))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _plain(v)))
+    ax.set_ylabel(f"Lipschitz bound (l{lower.norm}), log scale from {low:g}")
     ax.set_title(f"{Path(str(graph.meta.get('path', 'model'))).name}")
-    for i, v in enumerate(values):
-        ax.text(i, v, fmt(v, 3), ha="center", va="bottom", fontsize=8)
+    ax.legend(handles=handles, fontsize=8, loc="upper right")
     fig.tight_layout()
     try:
         fig.savefig(path, dpi=120)

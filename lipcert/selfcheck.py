@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import InternalCheckFailed
+from .estimators.common.region import nudged
 from .ir import evaluate
 from .ir.graph import Graph
 
@@ -45,8 +46,9 @@ def _jacobians(graph: Graph, xs: torch.Tensor) -> torch.Tensor:
 
 def sample_points(graph: Graph, box: tuple[np.ndarray, np.ndarray] | None, n: int,
                   seed: int = 0) -> torch.Tensor:
-    """Points of the region: the box's centre, corners of random signs and interior points;
-    without a box, normal and uniform points of several scales."""
+    """Points of the region: the box's centre, corners of random signs and interior points,
+    each moved off kinks (:func:`nudged`); without a box, normal and uniform points of
+    several scales (random, so off kinks almost surely)."""
     gen = torch.Generator().manual_seed(seed)
     shape = graph.input_shape
     if box is not None:
@@ -55,7 +57,9 @@ def sample_points(graph: Graph, box: tuple[np.ndarray, np.ndarray] | None, n: in
         u = torch.rand((n, *shape), generator=gen, dtype=torch.float64)
         u[1: n // 2 + 1] = (u[1: n // 2 + 1] > 0.5).to(torch.float64)  # corners
         u[0] = 0.5
-        return low + u * (high - low)
+        points = (low + u * (high - low)).numpy()
+        rng = np.random.default_rng(seed)
+        return torch.as_tensor(nudged(points, low.numpy(), high.numpy(), rng))
     scales = torch.tensor([0.1, 1.0, 3.0], dtype=torch.float64)
     xs = torch.randn((n, *shape), generator=gen, dtype=torch.float64)
     xs = xs * scales[torch.arange(n) % 3].reshape(-1, *([1] * len(shape)))
@@ -130,7 +134,8 @@ def check_boxes(graph: Graph, method: str, norm: str, boxes: list[tuple[np.ndarr
     rng = np.random.default_rng(seed)
     pts = []
     for low, high in boxes:
-        pts += [(low + high) / 2, np.where(rng.uniform(size=low.size) > 0.5, high, low)]
+        pts += [nudged(p, low, high, rng) for p in
+                ((low + high) / 2, np.where(rng.uniform(size=low.size) > 0.5, high, low))]
     xs = torch.as_tensor(np.stack(pts)).reshape(len(pts), *graph.input_shape)
     with torch.no_grad():
         jac = _jacobians(graph, xs).reshape(len(boxes), 2, -1, xs[0].numel())

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from ..errors import InputError, InternalCheckFailed, MethodNotApplicable
 from ..ir.graph import Graph, Node
 from ..soundness import checked
+from .common.progress import report, reporting
 from .common.rounding import float32_execution_margin, mul_up
 from .settings import NoSettings, merged_options, parse_settings
 
@@ -177,8 +178,11 @@ def run_estimator(graph: Graph, method: str = "naive", norm: str = "2", *,
     options = merged_options(estimator.parse_settings(options), options)
     try:
         estimator.check(graph, norm)
-        result = estimator.compute(graph, norm, **options)
-        _finish(graph, estimator, norm, result, options, self_check)
+        with reporting(options.get("progress")):
+            result = estimator.compute(graph, norm, **options)
+            if self_check and result.upper is not None:
+                report("soundness self-check")
+            _finish(graph, estimator, norm, result, options, self_check)
     except MethodNotApplicable as exc:
         result = Bound(method=method, norm=norm, upper=None, sound=estimator.certificate,
                        scope=estimator.scope, notes=[str(exc)])

@@ -31,11 +31,14 @@ from ..ir.graph import Graph
 from ..ir.lowering import CHAIN_LINEAR_OPS
 from ..soundness import checked, poison
 from .base import Bound, Estimator, register
-from .common.region import box_from_options
+from .common.region import box_from_options, nudged
 from .settings import setting
 
 MAX_RELUS = 200
 MAX_INPUTS = 400
+#: HiGHS needs seconds for 20 unstable ReLUs on a 2-core machine and finds no solution at
+#: all within a minute for about 60 (``python bench/exact_scale.py``): refuse beyond this
+MAX_UNSTABLE = 40
 
 
 def relu_chain(graph: Graph) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -201,24 +204,46 @@ def _l1_objective(prog: _Program, grad_vars, v_lo, v_hi) -> None:
         prog.objective[t] = 1.0
 
 
-def _solve(prog: _Program, time_limit: float) -> tuple[float, float, str]:
+def _solve(prog: _Program, time_limit: float, n_in: int
+           ) -> tuple[float, float, str, np.ndarray | None]:
     res = prog.solve(time_limit)
     dual = getattr(res, "mip_dual_bound", None)
     if res.x is None:
         if dual is not None and np.isfinite(dual):
-            return -float(dual), 0.0, f"no incumbent: {res.message}"
-        raise MethodNotApplicable(f"method exact: HiGHS found no solution ({res.message})")
+            return -float(dual), 0.0, f"no incumbent: {res.message}", None
+        raise MethodNotApplicable(
+            f"method exact: HiGHS found neither a solution nor a bound within "
+            f"{time_limit:.3g} s ({res.message}); raise -o time_limit or shrink the box")
     incumbent = -float(res.fun)
     dual = -float(dual) if dual is not None and np.isfinite(dual) else incumbent
     status = "optimal" if res.status == 0 else res.message
-    return max(dual, incumbent), incumbent, status
+    return max(dual, incumbent), incumbent, status, np.asarray(res.x[:n_in], dtype=np.float64)
 
 
-def lipmip_output(layers, low, high, output: int, time_limit: float) -> tuple[float, float, str]:
-    """(dual bound, incumbent, status) of max_x ||grad f_output(x)||_1 on the box."""
+def attained_l1(layers, x: np.ndarray, output: int) -> float:
+    """||grad f_output(x)||_1 at a point where no pre-activation is exactly 0 (else 0: at a
+    kink the one-sided product need not be a gradient any nearby point has)."""
+    v, masks = x, []
+    for w, b in layers[:-1]:
+        z = w @ v + b
+        if np.any(z == 0):
+            return 0.0
+        masks.append(z > 0)
+        v = np.maximum(z, 0)
+    g = layers[-1][0][output].astype(np.float64)
+    for (w, _), mask in zip(reversed(layers[:-1]), reversed(masks), strict=True):
+        g = (g * mask) @ w
+    value = float(np.abs(g).sum())
+    return value if np.isfinite(value) else 0.0
+
+
+def lipmip_output(layers, low, high, output: int, time_limit: float
+                  ) -> tuple[float, float, str, np.ndarray | None]:
+    """(dual bound, incumbent value, status, incumbent x) of max_x ||grad f_output(x)||_1 on
+    the box."""
     if len(layers) == 1:  # no hidden layer: an affine map
         value = float(np.abs(layers[0][0][output]).sum())
-        return value, value, "affine"
+        return value, value, "affine", (low + high) / 2
     prog = _Program()
     x = [prog.var(float(lo), float(hi)) for lo, hi in zip(low, high, strict=True)]
     patterns = _forward_relus(prog, layers, interval_bounds(layers, low, high), x)
@@ -239,8 +264,21 @@ def lipmip_output(layers, low, high, output: int, time_limit: float) -> tuple[fl
             v_vars.append(var)
     _l1_objective(prog, exprs, v_lo, v_hi)
     if not prog.objective:
-        return 0.0, 0.0, "zero"
-    return _solve(prog, time_limit)
+        return 0.0, 0.0, "zero", None
+    return _solve(prog, time_limit, len(low))
+
+
+def _refuse_hard_boxes(layers, low: np.ndarray, high: np.ndarray, region: dict,
+                       limit: int) -> None:
+    """Refuse before solving when the MIP has more binaries than HiGHS can search in time."""
+    unstable = sum(int(np.count_nonzero((zl < 0) & (zu > 0)))
+                   for zl, zu in interval_bounds(layers, low, high))
+    if unstable > limit:
+        raise MethodNotApplicable(
+            f"method exact: {unstable} ReLUs are unstable on the box {region['describe']} "
+            f"(limit max_unstable={limit}); the MIP would not finish. Use local (it branches "
+            "on the same ReLUs and stops early with a valid bound), a smaller box "
+            "(--input/--eps, --domain), or -o max_unstable=N at your own time's risk")
 
 
 @dataclass(frozen=True)
@@ -249,6 +287,9 @@ class ExactSettings:
                                       "(inf: none)", minimum=0, exclusive=True, infinite=True)
     max_relus: int = setting(MAX_RELUS, "refuse larger networks", minimum=1)
     max_inputs: int = setting(MAX_INPUTS, "refuse more inputs", minimum=1)
+    max_unstable: int = setting(MAX_UNSTABLE, "refuse boxes with more ReLUs whose sign the "
+                                              "box does not fix (each is a binary of the MIP)",
+                                minimum=0)
 
 
 @register
@@ -274,13 +315,21 @@ class ExactEstimator(Estimator):
                 f"{options.get('max_inputs', MAX_INPUTS)} inputs (this one: {n_relu} ReLUs, "
                 f"{n_in} inputs); raise -o max_relus=N at your own time's risk")
         low, high, region = box_from_options(options, n_in)
+        _refuse_hard_boxes(layers, low, high, region,
+                           int(options.get("max_unstable", MAX_UNSTABLE)))
         time_limit = float(options.get("time_limit", 60.0))
         start = time.perf_counter()
         best_dual, best_inc, statuses = 0.0, 0.0, []
-        for i in range(layers[-1][0].shape[0]):
-            remaining = max(1.0, time_limit - (time.perf_counter() - start))
-            dual, inc, status = lipmip_output(layers, low, high, i, remaining)
+        rng = np.random.default_rng(0)
+        n_out = layers[-1][0].shape[0]
+        for i in range(n_out):  # an equal share of what is left for each remaining output
+            remaining = max(1.0, (time_limit - (time.perf_counter() - start)) / (n_out - i))
+            dual, _, status, point = lipmip_output(layers, low, high, i, remaining)
             dual = checked(poison("exact.value", dual), f"the MIP value of output {i}")
+            # the lower value is what the incumbent attains, checked at a point moved off
+            # kinks (a pattern feasible only on a kink is not attained)
+            inc = 0.0 if point is None else attained_l1(
+                layers, nudged(point, low, high, rng), i)
             best_dual, best_inc = max(best_dual, dual), max(best_inc, inc)
             statuses.append(status)
         solved = all(s in ("optimal", "affine", "zero") for s in statuses)
@@ -289,6 +338,10 @@ class ExactEstimator(Estimator):
         if not solved:
             notes.append("HiGHS stopped before optimality on some outputs: value is its dual "
                          "bound")
+        if not best_inc >= best_dual * (1 - 1e-6):  # NaN-safe: a gap is stated
+            notes.append(f"the best activation pattern's gradient is attained only up to "
+                         f"{best_inc:.6g} near the MIP's point (a pattern that holds only on a "
+                         "kink is not attained): the true constant lies between the two")
         return Bound(method=self.name, norm=norm, upper=best_dual, lower=best_inc,
                      sound=False, scope="box", region=region, notes=notes,
                      details={"relus": n_relu, "status": statuses})

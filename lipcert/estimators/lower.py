@@ -19,7 +19,7 @@ from ..ir import evaluate
 from ..ir.graph import Graph
 from ..soundness import poison
 from .base import Bound, Estimator, register
-from .common.region import box_from_options, parse_domain
+from .common.region import NUDGE, box_from_options, parse_domain
 from .naive import MULTI, UNARY
 from .settings import setting
 
@@ -82,8 +82,9 @@ def sample_lower_bound(graph: Graph, norm: str = "2", *, samples: int = 256,
         half = samples // 2
         xs[half:] = torch.rand((samples - half, *shape), generator=gen, dtype=torch.float64)
     xs = project(xs)
+    off_kinks = _off_kinks(shape, center, radius, domain, gen)
     with torch.no_grad():
-        norms = _batched_norms(graph, xs, norm, batch)
+        norms = _batched_norms(graph, off_kinks(xs), norm, batch)
     best_k = torch.topk(norms, min(8, samples)).indices
     points, values = xs[best_k].clone(), norms[best_k].clone()
     step = (radius if radius is not None else 1.0) * 0.5
@@ -91,7 +92,7 @@ def sample_lower_bound(graph: Graph, norm: str = "2", *, samples: int = 256,
         trial = project(points + step * torch.randn(points.shape, generator=gen,
                                                     dtype=torch.float64))
         with torch.no_grad():
-            tv = _batched_norms(graph, trial, norm, batch)
+            tv = _batched_norms(graph, off_kinks(trial), norm, batch)
         better = tv > values
         points[better], values[better] = trial[better], tv[better]
         if not better.any():
@@ -102,6 +103,29 @@ def sample_lower_bound(graph: Graph, norm: str = "2", *, samples: int = 256,
     if secant > float(values[i]):
         return secant, points[i].numpy()
     return float(values[i]), points[i].numpy()
+
+
+def _off_kinks(shape, center, radius, domain, gen: torch.Generator):
+    """Where Jacobians are taken: each point moved a fraction NUDGE of the way to a random
+    point of the region (the box, the domain, or a small Gaussian step without either), so
+    that no Jacobian is taken on a kink (see :func:`nudged`); the centre and the clamped
+    points on the box's faces often lie on one."""
+    c = None if center is None else torch.as_tensor(center, dtype=torch.float64).reshape(shape)
+
+    def move(x: torch.Tensor) -> torch.Tensor:
+        u = torch.rand(x.shape, generator=gen, dtype=torch.float64)
+        if c is not None and radius is not None:
+            lo, hi = c - radius, c + radius
+            if domain is not None:
+                lo, hi = lo.clamp(*domain), hi.clamp(*domain)
+        elif domain is not None:
+            lo, hi = torch.full_like(x, domain[0]), torch.full_like(x, domain[1])
+        else:
+            step = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+            return x + NUDGE * (1 + x.abs()) * step
+        return torch.min(torch.max(x + NUDGE * (lo + u * (hi - lo) - x), lo), hi)
+
+    return move
 
 
 def secant_ascent(graph: Graph, norm: str, starts: torch.Tensor, project, gen,

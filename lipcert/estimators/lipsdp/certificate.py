@@ -16,6 +16,7 @@ from typing import Any  # noqa: F401
 import numpy as np
 import scipy.linalg as sla
 
+from ..common.progress import report
 from ..common.rounding import mul_up, sum_up
 from .lmi import assemble, feasible_start, nonneg_mask
 
@@ -108,9 +109,12 @@ def certify_and_repair(weights, slopes, lam, tau=None):
     recomputed in any case)."""
     lam = np.asarray(lam, dtype=np.float64)
     lam = np.where(nonneg_mask(weights, slopes), np.maximum(lam, 0.0), lam)
+    size = weights[0].shape[1] + sum(w.shape[0] for w in weights[:-1])
+    report(f"checking the certificate (size {size})")
     rho, why = _certify_fixed(weights, slopes, lam, tau)
     if rho is not None:
         return rho, why, lam
+    report("repairing: mixing in a feasible start")
     start = feasible_start(weights, slopes)
     flat = None if tau is None else np.full(len(tau), float(np.mean(tau)))
     for theta in (1e-9, 1e-7, 1e-5, 1e-3, 1e-1):

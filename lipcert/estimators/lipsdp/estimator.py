@@ -108,8 +108,8 @@ class LipSDPEstimator(Estimator):
                                    "norm": norm, "subchains": []}
         for k, (weights, part_slopes) in enumerate(parts):
             if progress:
-                progress(f"solving sub-chain {k + 1} of {len(parts)}" if len(parts) > 1
-                         else "solving")
+                progress(f"setting up sub-chain {k + 1} of {len(parts)}" if len(parts) > 1
+                         else "setting up the LMI")
             value, info = bound_subchain(weights, part_slopes, form, solver, time_limit, norm,
                                          progress)
             details["subchains"].append(info)

@@ -14,6 +14,7 @@ import numpy as np
 
 from ...errors import MethodNotApplicable
 from ..common.interrupts import interruptible_scs
+from ..common.progress import Countdown, report
 from .certificate import _certify_fixed
 from .lmi import (
     GroupQC,
@@ -81,6 +82,10 @@ def propose_first_order(weights, slopes, form: str, iterations: int = 1000,
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if it % 20 == 0:
+            left = max(0.0, time_limit - (time.perf_counter() - t0))
+            report(f"first-order step {it + 1}/{iterations} (<= {left:.0f} s left), "
+                   f"best {math.sqrt(max(best, 0.0)):.4g}")
         if time.perf_counter() - t0 > time_limit:
             break
     with torch.no_grad():
@@ -121,6 +126,9 @@ def solve_lipsdp(weights, slopes, form: str, solver: str, time_limit: float,
         if math.isfinite(time_limit):  # SCS takes no infinite limit: max_iters decides
             kwargs["time_limit_secs"] = time_limit
     start = time.perf_counter()
+    size = weights[0].shape[1] + sum(w.shape[0] for w in weights[:-1])
+    report(f"{solver.upper()} on the LMI (size {size}"
+           + (f", <= {time_limit:.0f} s)" if math.isfinite(time_limit) else ")"))
     try:
         with warnings.catch_warnings(), interruptible_scs():
             warnings.simplefilter("ignore")  # "may be inaccurate": the certificate decides
@@ -169,7 +177,8 @@ def eclipse_fast_multipliers(weights, slopes) -> np.ndarray:
     (repeated per neuron); the bound itself comes from the certificate check."""
     x_prev = np.eye(weights[0].shape[1])
     lam = []
-    for w, qc in zip(weights[:-1], slopes, strict=True):
+    for k, (w, qc) in enumerate(zip(weights[:-1], slopes, strict=True)):
+        report(f"ECLipsE-Fast multipliers, layer {k + 1}/{len(slopes)}")
         if isinstance(qc, GroupQC) or qc[0] != 0.0:
             raise MethodNotApplicable("lipsdp form eclipse-fast needs slope ranges [0, beta] "
                                       "(ReLU, Sigmoid, Tanh, Clip)")
@@ -189,12 +198,16 @@ def _eclipse_certificate(weights, slopes):
     direction = eclipse_fast_multipliers(weights, slopes)
     best: tuple[float | None, str, np.ndarray | None] = (None, "no scale certified", None)
 
+    size = weights[0].shape[1] + sum(w.shape[0] for w in weights[:-1])
+    steps = Countdown(f"ECLipsE-Fast check (size {size})", 62)
+
     def value(log_c: float) -> float:
         nonlocal best
         lam = math.exp(log_c) * direction
         rho, why = _certify_fixed(weights, slopes, lam)
         if rho is not None and (best[0] is None or rho < best[0]):
             best = (rho, why, lam)
+        steps.step("" if best[0] is None else f"best {math.sqrt(best[0]):.4g}")
         return math.inf if rho is None else rho
 
     lo, hi = -30.0, 30.0

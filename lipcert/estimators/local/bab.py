@@ -9,8 +9,9 @@ best-first over (output functional, domain) pairs, with two changes:
   patterns that the constraints make impossible are pruned as empty domains;
 * a domain with no unstable neuron left has a constant gradient. Its pattern is checked by
   a linear program (box + the exact affine pre-activations of its split neurons, HiGHS):
-  infeasible patterns are dropped, and a feasible one is an attained value, i.e. a lower
-  bound. When the best open domain is such a leaf, the bound is exact.
+  infeasible patterns are dropped, and one that holds with a positive margin (on an open
+  set, not only on a kink) is an attained value, i.e. a lower bound. When the best open
+  domain is such a leaf, the bound is exact.
 
 The branching neuron maximises |coefficient of y = d t in the objective| times the mean gap
 of the chord relaxation of y = d t over [tl, tu] (the "relaxation area" heuristic).
@@ -95,12 +96,42 @@ class LocalProblem:
         upper = torch.where(fwd.infeasible, torch.full_like(jac.upper, -np.inf), jac.upper)
         return fwd, upper, branches
 
-    def leaf_feasible(self, dom: Domain) -> bool:
-        """LP: is there x in the box with every split neuron on its side? (exact at a leaf)"""
+    def leaf_feasible(self, dom: Domain) -> str:
+        """LP over the box: can every split neuron be on its side? (exact at a leaf)
+
+        Maximises the margin t of the split constraints sign * z_i + t * s_i <= 0 (s_i the
+        row's scale). ``"empty"`` when even a slightly negative margin is infeasible (the
+        pattern is dropped; the tolerance keeps thin but real regions), ``"interior"`` when
+        a positive margin is feasible: the pattern holds on an open set, so its gradient is
+        attained (a lower bound). ``"boundary"``: in between (e.g. only on a kink
+        hyperplane); its value still counts for the upper bound but is not attained there.
+        """
+        rows, rhs, scale = self._leaf_constraints(dom)
+        if not rows:
+            return "interior"
+        from scipy.optimize import linprog  # only when a leaf is checked
+        n0 = self.dag.sizes[0]
+        a_ub = np.hstack([np.array(rows), np.array(scale)[:, None]])
+        objective = np.zeros(n0 + 1)
+        objective[-1] = -1.0  # maximise t
+        bounds = [*zip(self.xl[0].numpy(), self.xu[0].numpy(), strict=True), (None, 1.0)]
+        res = linprog(objective, A_ub=a_ub, b_ub=np.array(rhs), bounds=bounds,
+                      method="highs")
+        if res.status != 0 or res.x is None:  # not solved: keep it, never call it attained
+            return "empty" if res.status == 2 else "boundary"
+        margin = float(res.x[-1])
+        if margin < -1e-9:
+            return "empty"
+        return "interior" if margin > 1e-9 and bool(np.all(self.xu[0].numpy() >
+                                                           self.xl[0].numpy())) else "boundary"
+
+    def _leaf_constraints(self, dom: Domain) -> tuple[list, list, list]:
+        """sign * (a x + b) <= 0 for every split neuron, as rows a, right-hand sides and
+        row scales (1 + |b| + ||a||_1), with the exact affine forms of the leaf's pattern."""
         dag = self.dag
         n0 = dag.sizes[0]
         forms = [(np.eye(n0), np.zeros(n0))]
-        rows, rhs = [], []
+        rows, rhs, scale = [], [], []
         for k in range(1, dag.n_acts + 1):
             aff = dag.pre[k - 1]
             a = np.zeros((dag.sizes[k], n0))
@@ -115,19 +146,14 @@ class LocalProblem:
             slope = np.where(lo >= 0, 1.0, np.where(hi <= 0, alpha, 1.0))
             split = dom.splits[k - 1].numpy()
             slope = np.where(split > 0, 1.0, np.where(split < 0, alpha, slope))
-            tol = 1e-9 * (1 + np.abs(b) + np.abs(a).sum(1))
+            row_scale = 1 + np.abs(b) + np.abs(a).sum(1)
             for idx in np.flatnonzero(split):
-                sign = -1.0 if split[idx] > 0 else 1.0  # sign * z <= tol
+                sign = -1.0 if split[idx] > 0 else 1.0  # sign * z <= 0
                 rows.append(sign * a[idx])
-                rhs.append(tol[idx] - sign * b[idx])
+                rhs.append(-sign * b[idx])
+                scale.append(row_scale[idx])
             forms.append((slope[:, None] * a, slope * b))
-        if not rows:
-            return True
-        from scipy.optimize import linprog  # only when a leaf is checked
-        res = linprog(np.zeros(n0), A_ub=np.array(rows), b_ub=np.array(rhs),
-                      bounds=list(zip(self.xl[0].numpy(), self.xu[0].numpy(), strict=True)),
-                      method="highs")
-        return res.status != 2  # 2: infeasible; anything else counts as feasible
+        return rows, rhs, scale
 
 
 def _infeasible(value: float) -> bool:
@@ -165,10 +191,12 @@ class _Search:
         """A domain with no unstable neuron: LP-checked (piecewise linear) and closed."""
         if self.problem.piecewise_linear:
             self.checked += 1
-            if not self.problem.leaf_feasible(dom):
+            where = self.problem.leaf_feasible(dom)
+            if where == "empty":
                 self.pruned += 1
                 return
-            self.lower = max(self.lower, dom.upper)
+            if where == "interior":  # the pattern holds on an open set: attained
+                self.lower = max(self.lower, dom.upper)
         self.closed = max(self.closed, dom.upper)
         self.per_query_closed[dom.query] = max(self.per_query_closed[dom.query], dom.upper)
 

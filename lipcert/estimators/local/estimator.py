@@ -21,7 +21,7 @@ import torch
 from ...ir.graph import Graph
 from ...ir.lowering import MAX_ENTRIES, UNROLLABLE, AffineDag, cached_affine_dag
 from ..base import Bound, Estimator, register
-from ..common.region import box_from_options
+from ..common.region import box_from_options, nudged
 from ..settings import setting
 from .bab import BabResult, LocalProblem, branch_and_bound
 
@@ -98,10 +98,13 @@ class LocalEstimator(Estimator):
                              progress=_progress_text(options.get("progress")))
         root = result.root
         lower = result.lower
-        if options.get("center") is not None:
-            center = np.clip(np.asarray(options["center"], dtype=np.float64).reshape(-1),
-                             low, high)
-            lower = max(lower, float(gradient_norms(dag, center, c).max()))
+        center = ((low + high) / 2 if options.get("center") is None else
+                  np.clip(np.asarray(options["center"], dtype=np.float64).reshape(-1), low, high))
+        # the gradient near the centre is attained (moved off kinks, where autograd's
+        # one-sided derivatives need not be)
+        witness = nudged(center, low, high, np.random.default_rng(0))
+        lower = max(lower, float(np.nan_to_num(gradient_norms(dag, witness, c), nan=0.0,
+                                               posinf=0.0).max()))
         notes = [f"local constant on the box {region['describe']}: valid only inside it"]
         if result.exact:
             notes.append("branch-and-bound closed the gap: the bound is the exact local "

@@ -1,0 +1,133 @@
+"""What a person sees: tables at 80 columns (a CI log) keep every word whole and fold long
+notes under their row; wide terminals get the plain grid; certify states its notes; compare
+rates each bound against the best lower value that applies to it and says which."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import MODELS, export
+from torch import nn
+
+from lipcert.cli import cli
+
+
+def run(*args, columns: int = 80):
+    return CliRunner().invoke(cli, [str(a) for a in args], env={"COLUMNS": str(columns)})
+
+
+def words(text: str) -> set[str]:
+    return set(text.split())
+
+
+def assert_fits_and_whole(output: str, texts: list[str], width: int = 80) -> None:
+    lines = output.splitlines()
+    too_long = [line for line in lines if len(line) > width]
+    assert not too_long, too_long[:3]
+    seen = words(output)
+    broken = [w for t in texts for w in t.split() if w not in seen]
+    assert not broken, f"words split across lines: {broken[:5]}"
+
+
+@pytest.fixture(scope="module")
+def wide_relu(tmp_path_factory):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 50), nn.ReLU(), nn.Linear(50, 3))
+    return export(net, torch.zeros(1, 4), tmp_path_factory.mktemp("wide") / "wide_relu.onnx")
+
+
+def test_bound_at_80_columns_folds_notes_under_the_row(tmp_path):
+    out = tmp_path / "b.json"
+    result = run("bound", MODELS / "digits_mlp.onnx", "--json", out)
+    assert result.exit_code == 0, result.output
+    notes = json.loads(out.read_text())["results"][0]["notes"]
+    assert_fits_and_whole(result.output, notes)
+    lines = result.output.splitlines()
+    row = next(i for i, line in enumerate(lines) if line.startswith("digits_mlp.onnx"))
+    assert lines[row + 1].lstrip().startswith("notes:")  # right under its row
+
+
+def test_wide_terminals_keep_the_grid():
+    result = run("bound", MODELS / "digits_mlp.onnx", columns=300)
+    assert result.exit_code == 0 and "┃" in result.output and "notes" in result.output
+
+
+def test_methods_and_inspect_at_80_columns():
+    from lipcert.estimators import REGISTRY, load_all
+
+    load_all()
+    result = run("methods")
+    assert result.exit_code == 0, result.output
+    assert_fits_and_whole(result.output, [e.summary for e in REGISTRY.values()])
+    result = run("inspect", MODELS / "digits_resnet.onnx")
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+
+
+def test_compare_at_80_columns_states_each_lower_bound(wide_relu, tmp_path):
+    out = tmp_path / "c.json"
+    result = run("compare", wide_relu, "--methods", "naive,local,exact,gram", "--norm", "inf",
+                 "--json", out, "--timeout", "60")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(out.read_text())
+    rows = {r["method"]: r for r in payload["results"]}
+    # exact refuses the box before solving (too many unstable ReLUs), with the reason shown
+    assert rows["exact"]["upper"] is None and "unstable" in rows["exact"]["notes"][-1]
+    assert_fits_and_whole(result.output, [rows["exact"]["notes"][-1],
+                                          rows["gram"]["notes"][-1]])
+    # local bounds its own default box: only a value on that box rates it, never the
+    # global sample (which may lie outside the box)
+    local = rows["local"]
+    assert local["lower_bound_source"] in (None, "local's attained value")
+    assert rows["naive"]["lower_bound"] == max(
+        v for v in (payload["lower_bound"]["lower"], local["lower"]) if v is not None)
+    best = payload["best_lower_bound"]
+    assert best["value"] == rows["naive"]["lower_bound"]
+    assert best["source"] in result.output  # the title says which
+    assert "lower" in result.output.split("─")[-1]  # the sampled yardstick's row and time
+
+
+def test_compare_plot_marks_missing_methods(wide_relu, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "c.png"
+    result = run("compare", wide_relu, "--methods", "naive,exact", "--norm", "inf", "--plot",
+                 png, "--timeout", "60")
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_exact_refuses_hard_boxes_before_solving(wide_relu):
+    result = run("bound", wide_relu, "-m", "exact", "-n", "inf")
+    assert result.exit_code == 2
+    assert "unstable" in result.output and "max_unstable" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_certify_table_states_its_notes(tmp_path):
+    data = np.load(MODELS / "digits_test.npz")
+    np.savez(tmp_path / "d.npz", x=data["x"][:20], y=data["y"][:20])
+    result = run("certify", MODELS / "digits_mlp.onnx", "--data", tmp_path / "d.npz", "--eps",
+                 "0.01", "--norm", "inf", "--method", "local")
+    assert result.exit_code == 0, result.output
+    assert "float32" in result.output and "capped" in result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+
+
+def test_long_lipsdp_runs_report_their_stages():
+    import lipcert
+
+    graph = lipcert.load(MODELS / "digits_mlp.onnx")
+    seen: list[str] = []
+    res = lipcert.bound(graph, "lipsdp", "2", form="eclipse-fast", progress=seen.append)
+    assert res.upper is not None
+    steps = [t for t in seen if t.startswith("ECLipsE-Fast check")]
+    assert len(steps) == 62 and " 1/62" in steps[0] and " 62/62" in steps[-1]
+    assert "soundness self-check" in seen
+    seen.clear()
+    lipcert.bound(graph, "lipsdp", "2", solver="scs", progress=seen.append)
+    assert any(t.startswith("SCS on the LMI") for t in seen)
+    assert any(t.startswith("checking the certificate") for t in seen)
