@@ -228,8 +228,9 @@ def _check_method(method: str, norm: str) -> Estimator:
     """Refuse, before any work, a method that cannot certify with this norm, and say why."""
     estimator = get_estimator(method)
     if not estimator.certificate:
-        raise InputError(f"method {method} gives {estimator.summary}; certification needs a "
-                         "certified upper bound: use naive, gram, lipsdp or local")
+        raise InputError(f"method {method} cannot certify: its value is an estimate, not a "
+                         "certified upper bound (a radius from it could be flipped); use "
+                         "naive, gram, lipsdp or local")
     if norm not in estimator.norms:
         raise InputError(f"method {method} bounds only the "
                          f"{', '.join('l' + n for n in estimator.norms)} norm; use --norm "
