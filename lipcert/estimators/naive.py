@@ -91,6 +91,7 @@ UNARY = {
     O.Clip: _activation,
     O.Softmax: _softmax,
     O.GroupSort: _one,
+    O.Reduce: _one,  # max/min over disjoint groups: |max_S x - max_S y| <= ||(x - y)_S||
 }
 
 

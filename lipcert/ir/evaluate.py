@@ -136,6 +136,8 @@ FORWARD: dict[type, Callable[..., torch.Tensor]] = {
     O.GroupSort: _group_sort,
     O.MaxPool: _max_pool,
     O.Extremum: _extremum,
+    O.Reduce: lambda op, x: (torch.amax if op.mode == "max" else torch.amin)(
+        x, dim=op.axes, keepdim=op.keepdims),
 }
 
 

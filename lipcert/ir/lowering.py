@@ -111,6 +111,14 @@ def _apply_linear(op: O.Op, node_shape, in_shapes, inputs: list[Affine]) -> Affi
     return Affine({j: m for j, m in maps.items() if torch.any(m != 0)}, bias.reshape(size))
 
 
+def flat_group_sort(op: O.GroupSort, shape: tuple[int, ...]) -> O.GroupSort:
+    """The same GroupSort on the flattened tensor: its groups as flat positions (one group per
+    group and position of the other axes, e.g. channel pairs at every pixel)."""
+    index = np.moveaxis(np.arange(int(np.prod(shape))).reshape(shape), op.axis, -1)
+    groups = index[..., np.asarray(op.groups, dtype=np.int64)]  # (..., n_groups, g)
+    return O.GroupSort(1, groups.reshape(-1, groups.shape[-1]))
+
+
 def build_affine_dag(graph: Graph, method: str, max_entries: int = MAX_ENTRIES) -> AffineDag:
     """Unroll ``graph`` into an :class:`AffineDag`; ops other than linear ones and elementwise
     activations are refused by node name."""
@@ -123,10 +131,10 @@ def build_affine_dag(graph: Graph, method: str, max_entries: int = MAX_ENTRIES) 
     for node in graph.nodes:
         op = node.op
         size = int(np.prod(node.shape))
-        if isinstance(op, _ACTIVATIONS):
+        if isinstance(op, (*_ACTIVATIONS, O.GroupSort)):
             k = len(sizes)
             pre.append(values[node.inputs[0]])
-            acts.append(op)
+            acts.append(flat_group_sort(op, node.shape) if isinstance(op, O.GroupSort) else op)
             sizes.append(size)
             sources.append(node.source)
             values[node.output] = Affine({k: torch.eye(size, dtype=torch.float64)},

@@ -225,6 +225,17 @@ class Extremum(Op):
     arity = -1
 
 
+@dataclass(frozen=True, eq=False)
+class Reduce(Op):
+    """Max or min over ``axes`` (ReduceMax/ReduceMin, torch amax/amin/max(dim)). The
+    groups it reduces are disjoint, so it is 1-Lipschitz in l2 and linf; inside a GroupSort
+    export form the order-statistics pass replaces it with the GroupSort it belongs to."""
+
+    mode: str  # "max" | "min"
+    axes: tuple[int, ...]
+    keepdims: bool
+
+
 # Slope ranges [alpha, beta] of elementwise activations (derivative bounds; docs/ARCHITECTURE.md).
 def slope_range(op: Op) -> tuple[float, float] | None:
     """Return [alpha, beta] with alpha <= f'(t) <= beta for all t, or None if not elementwise."""

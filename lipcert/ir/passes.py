@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import ops as O
+from . import order_statistics as OS
 from .graph import Graph, Node
 
 
@@ -46,6 +47,7 @@ class _Work:
         self.by_output: dict[str, Node] = {}
         self.position: dict[str, float] = {}
         self.users: dict[str, dict[str, None]] = {graph.input: {}}  # ordered sets
+        self.notes: list[str] = []  # what a rule looked at and left (said in the graph notes)
         for k, node in enumerate(graph.nodes):
             self._add(node, float(k))
 
@@ -276,7 +278,55 @@ def _max_min(node: Node, work: _Work) -> bool:
     return True
 
 
-_RULES = (_fold_scale_into_producer, _fold_scale_into_consumer, _merge_dense, _max_min)
+def _order_statistics(node: Node, work: _Work) -> bool:
+    """Any export form of GroupSort/MaxMin ending at ``node``  ==>  one GroupSort (plus a
+    permutation and a Reshape where the output layout needs them); see order_statistics."""
+    if not isinstance(node.op, OS.LAYOUT + OS.ORDER):
+        return False
+    users = work.uses(node.output)
+    if node.output != work.output and users and all(isinstance(u.op, OS.LAYOUT + OS.ORDER)
+                                                    for u in users):
+        return False  # not the end of the region
+    nodes, sources = OS.region(node, work.producer)
+    if not any(isinstance(n.op, (O.Extremum, O.Reduce)) for n in nodes) and not (
+            any(isinstance(n.op, O.GroupSort) for n in nodes) and len(nodes) > 1):
+        return False  # no order statistics, or a GroupSort already on its own
+    if len(sources) != 1:
+        return False
+    (src,) = sources
+    order = [n for n in nodes if isinstance(n.op, OS.ORDER)]
+    if len(order) == 1 and isinstance(order[0].op, O.GroupSort) and order[0].inputs == (src,):
+        return False  # already canonical: a GroupSort of the source, then layout
+    names = ", ".join(n.source for n in order)
+    shape = work.shape_of(src)
+    if int(np.prod(shape)) > OS.MAX_ELEMENTS:
+        work.notes.append(f"node {node.source}: max/min over {int(np.prod(shape))} values is "
+                          "not analysed for GroupSort (above the size limit)")
+        return False
+    try:
+        canon = OS.canonical_group_sort(OS.evaluate_terms(nodes, src, shape), shape)
+    except OS.NotGroupSort as why:
+        work.notes.append(f"nodes {names}: not a GroupSort ({why}); kept as max/min")
+        return False
+    position = work.position[node.output]
+    value = f"{node.output}::groupsort"
+    work.insert_at(position - 0.5, Node(O.GroupSort(canon.axis, canon.groups), (src,), value,
+                                        shape, f"GroupSort({names})"))
+    if canon.permutation is not None:
+        n = shape[canon.axis]
+        perm = np.zeros((n, n))
+        perm[np.arange(n), canon.permutation] = 1.0
+        work.insert_at(position - 0.25, Node(O.Dense(perm, None, canon.axis), (value,),
+                                             value + "::order", shape,
+                                             f"output order of GroupSort({names})"))
+        value += "::order"
+    work.replace(node, Node(O.Reshape(node.shape), (value,), node.output, node.shape,
+                            node.source))
+    return True
+
+
+_RULES = (_fold_scale_into_producer, _fold_scale_into_consumer, _merge_dense, _max_min,
+          _order_statistics)
 
 
 def canonicalize(graph: Graph) -> Graph:
@@ -294,7 +344,8 @@ def canonicalize(graph: Graph) -> Graph:
                 continue
             if any(rule(node, work) for rule in _RULES):
                 changed = True
+        notes = work.notes
         work = _Work(work.result())  # drop dead nodes, renumber positions
         if not changed:
             break
-    return work.result()
+    return work.result().with_notes(*notes)

@@ -1,4 +1,5 @@
-"""Activations: Relu, LeakyRelu, Sigmoid, Tanh, Clip, Softmax, Max/Min, TopK (sorting)."""
+"""Activations: Relu, LeakyRelu, Sigmoid, Tanh, Clip, Softmax, Max/Min, TopK (sorting),
+ReduceMax/ReduceMin."""
 
 from __future__ import annotations
 
@@ -106,6 +107,31 @@ def top_k(ctx: ImportContext) -> None:
     if k < n:
         y = ctx.emit(O.Slice(axis, 0, k, 1), [y])
     ctx.bind(0, y)
+
+
+@handles("ReduceMax", "ReduceMin")
+def reduce_extremum(ctx: ImportContext) -> None:
+    """Max/min over axes (attribute before opset 18, input after; no axes: all of them,
+    unless noop_with_empty_axes). Exporters write GroupSort2 and MaxMin this way; the
+    order-statistics pass turns those forms into GroupSort."""
+    x = ctx.data_input(0)
+    rank = len(ctx.shape(x))
+    if ctx.opset < 18:
+        axes = ctx.attr("axes")
+    elif ctx.n_inputs() > 1 and ctx.input_name(1):
+        axes = ctx.const_ints(1)
+        if axes is None:
+            raise Unsupported("axes computed from the model input (they must be constant)")
+    else:
+        axes = None
+    if axes is None or len(axes) == 0:
+        if ctx.attr("noop_with_empty_axes", 0):
+            ctx.bind(0, x)
+            return
+        axes = list(range(rank))
+    axes = tuple(sorted({norm_axis(int(a), rank) for a in axes}))
+    mode = "max" if ctx.node.op_type == "ReduceMax" else "min"
+    ctx.bind(0, ctx.emit(O.Reduce(mode, axes, bool(ctx.attr("keepdims", 1))), [x]))
 
 
 @handles("HardSigmoid")
