@@ -102,8 +102,8 @@ def certify_table(graph: Graph, cert, summary: dict[str, Any],
     title = (f"lipcert certify: {Path(str(graph.meta.get('path', 'model'))).name} "
              f"(l{cert.norm}, {cert.method}, eps={cert.eps:g})")
     table = FoldingTable(title, [Column("quantity"), Column("value", "right")],
-                         caption=escape("notes: " + "; ".join(cert.notes)) if cert.notes
-                         else None)
+                         caption=escape("\n".join(f"note: {n}" for n in cert.notes))
+                         if cert.notes else None)
     table.add_row("samples", str(summary["samples"]))
     table.add_row("clean accuracy", f"{summary['clean_accuracy']:.2%}")
     for eps, acc in summary["certified_accuracy_at"].items():

@@ -38,7 +38,7 @@ class FoldingTable:
 
     def full(self) -> Table:
         """The plain rich table with every column."""
-        table = Table(title=self.title, caption=self.caption, caption_justify="left")
+        table = Table(title=self.title)
         for col in self.columns:
             table.add_column(col.header, justify=col.justify, overflow="fold")
         for cells, style in self.rows:
@@ -51,8 +51,11 @@ class FoldingTable:
         natural = Measurement.get(console, options.update(max_width=1 << 20), table).maximum
         if natural <= width:
             yield table
-            return
-        yield from self._folded(width)
+        else:
+            yield from self._folded(width)
+        if self.caption:  # below the table, wrapped to the terminal, one paragraph a line
+            for paragraph in Text.from_markup(self.caption).plain.split("\n"):
+                yield from (Text(t) for t in _wrap(paragraph, width, "", "  "))
 
     def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
         return Measurement(1, options.max_width)
@@ -83,8 +86,6 @@ class FoldingTable:
             yield line
             for i in folded:
                 yield from _wrapped(self.columns[i].header, cells[i], width)
-        if self.caption:
-            yield from (Text(t) for t in _wrap(self.caption, width, ""))
 
 
 def _wrap(text: str, width: int, first: str, rest: str | None = None) -> list[str]:

@@ -2,12 +2,15 @@
 and export them to ONNX next to this script, with a held-out test split.
 
     python models/train_digits.py          # writes models/*.onnx and models/digits_test.npz
+    python models/train_digits.py digits_lip   # only the named models
 
 Inputs are images in [0, 1] of shape (N, 1, 8, 8); each model declares a symbolic batch dim.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
+from torch.nn.utils import parametrize
 
 HERE = Path(__file__).resolve().parent
 
@@ -26,6 +30,21 @@ class MaxMin(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = x.chunk(2, dim=1)
         return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
+
+
+class GroupSort2(nn.Module):
+    """GroupSort with groups of 2 (consecutive pairs sorted ascending), written as
+    deel-torchlip writes it: reshape to pairs, amin/amax over the pair axis, concatenate."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pairs = x.reshape(x.shape[0], -1, 2)
+        return torch.cat([pairs.amin(-1, keepdim=True), pairs.amax(-1, keepdim=True)],
+                         -1).reshape(x.shape)
+
+
+def orthogonal_linear(n_in: int, n_out: int) -> nn.Module:
+    """A linear layer whose weight stays (semi-)orthogonal while training: norm exactly 1."""
+    return nn.utils.parametrizations.orthogonal(nn.Linear(n_in, n_out))
 
 
 class ResidualBlock(nn.Module):
@@ -52,7 +71,33 @@ def build(name: str) -> nn.Module:
     if name == "digits_resnet":
         return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), ResidualBlock(8),
                              nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    if name == "digits_lip":  # 1-Lipschitz by construction (l2): claimed constant 1
+        return nn.Sequential(nn.Flatten(), orthogonal_linear(64, 64), GroupSort2(),
+                             orthogonal_linear(64, 64), GroupSort2(), orthogonal_linear(64, 10))
     raise ValueError(name)
+
+
+#: what training claims for the 1-Lipschitz model: its l2 constant is at most 1, so a sample
+#: with logit margin m is robust within m / sqrt(2) (Tsuzuku et al., NeurIPS 2018)
+LIP_CLAIM = {"model": "digits_lip.onnx", "lipschitz_l2": 1.0, "eps": 0.25}
+
+
+def train_lipschitz(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                    epochs: int = 150) -> None:
+    """Cross-entropy on logits scaled by a temperature, with the true logit lowered by a
+    margin (as in deel-lip's margin losses): pushes margins up without changing L."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    onehot = nn.functional.one_hot(y, 10).float()
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), 64):
+            idx = perm[i:i + 64]
+            opt.zero_grad()
+            logits = model(x[idx]) - 0.5 * onehot[idx]
+            nn.functional.cross_entropy(8.0 * logits, y[idx]).backward()
+            opt.step()
+    model.eval()
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 60) -> None:
@@ -76,11 +121,24 @@ def main() -> None:
                                               random_state=0, stratify=digits.target)
     np.savez_compressed(HERE / "digits_test.npz", x=x_te, y=y_te.astype(np.int64))
     xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr).long()
-    for name in ("digits_mlp", "digits_cnn", "digits_maxmin", "digits_resnet"):
-        model = build(name)
-        train(model, xt, yt)
+    names = sys.argv[1:] or ["digits_mlp", "digits_cnn", "digits_maxmin", "digits_resnet",
+                             "digits_lip"]
+    for name in names:
+        if name == "digits_lip":  # its own seed: the others train as they always did
+            torch.manual_seed(0)
+            model = build(name)
+            train_lipschitz(model, xt, yt)
+            for module in model.modules():  # the trained weights, without the parametrization
+                if parametrize.is_parametrized(module):
+                    parametrize.remove_parametrizations(module, "weight")
+        else:
+            model = build(name)
+            train(model, xt, yt)
         with torch.no_grad():
-            acc = (model(torch.from_numpy(x_te)).argmax(1).numpy() == y_te).mean()
+            logits = model(torch.from_numpy(x_te))
+        acc = (logits.argmax(1).numpy() == y_te).mean()
+        if name == "digits_lip":
+            write_claim(logits, y_te)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (torch.from_numpy(x_te[:1]),), str(HERE / f"{name}.onnx"),
@@ -88,6 +146,19 @@ def main() -> None:
                               dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
                               opset_version=17, dynamo=False)
         print(f"{name}: test accuracy {acc:.3f}")
+
+
+def write_claim(logits: torch.Tensor, labels: np.ndarray) -> None:
+    """The certified accuracy training claims from L = 1, written beside the model."""
+    true = logits[torch.arange(len(labels)), torch.from_numpy(labels)]
+    others = logits.clone()
+    others[torch.arange(len(labels)), torch.from_numpy(labels)] = -torch.inf
+    margin = (true - others.max(1).values).numpy()
+    claim = dict(LIP_CLAIM, certified_accuracy=float(np.mean(
+        margin / np.sqrt(2) / LIP_CLAIM["lipschitz_l2"] > LIP_CLAIM["eps"])))
+    (HERE / "digits_lip.claim.json").write_text(json.dumps(claim, indent=2) + "\n")
+    print(f"digits_lip: claimed certified accuracy at eps {claim['eps']}: "
+          f"{claim['certified_accuracy']:.3f}")
 
 
 if __name__ == "__main__":
