@@ -169,7 +169,7 @@ def _load(model: str, no_verify: bool):
         return load(model, verify=not no_verify)
 
 
-@cli.command()
+@cli.command(short_help="One certified upper bound on the Lipschitz constant.")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--method", "-m", default="naive", show_default=True,
               help="bounding method: naive, gram, lipsdp, local, exact (reference), lower "
@@ -218,7 +218,7 @@ def bound(model: str, method: str, norm: str, json_out: str | None, no_verify: b
         write_json(bounds_payload(graph, [result]), json_out)
 
 
-@cli.command()
+@cli.command(short_help="Certified radii and accuracy per sample; a CI gate.")
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("--data", help="test data: .npz with arrays x and y, or x.npy with --labels")
 @click.option("--labels", help="labels .npy when --data is an .npy")
@@ -311,7 +311,7 @@ def certify(model, data, labels, eps, norm, method, gate, report_eps, json_out, 
         sys.exit(1)
 
 
-@cli.command()
+@cli.command(short_help="All methods side by side with a lower bound.")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--methods", default=None,
               help="comma-separated methods  [default: naive,gram,lipsdp for --norm 2; "
@@ -409,7 +409,7 @@ def compare(model, methods, norm, input_path, index, eps, domain, timeout, json_
         raise InternalCheckFailed(f"method {failed[0].method}: {failed[0].notes[-1]}")
 
 
-@cli.command()
+@cli.command(short_help="The graph as lipcert reads it.")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--no-verify", is_flag=True, help="skip the onnxruntime fidelity check")
 def inspect(model: str, no_verify: bool) -> None:
@@ -423,7 +423,7 @@ def inspect(model: str, no_verify: bool) -> None:
         console.print(f"note: {note}", highlight=False, markup=False)
 
 
-@cli.command()
+@cli.command(short_help="The methods, norms, ops and settings.")
 def methods() -> None:
     """List the bounding methods and what each supports."""
     from .estimators import REGISTRY, load_all

@@ -131,3 +131,20 @@ def test_long_lipsdp_runs_report_their_stages():
     lipcert.bound(graph, "lipsdp", "2", solver="scs", progress=seen.append)
     assert any(t.startswith("SCS on the LMI") for t in seen)
     assert any(t.startswith("checking the certificate") for t in seen)
+
+
+@pytest.mark.parametrize("method,norm", [("lower", "2"), ("exact", "inf")])
+def test_certify_refuses_estimates_with_the_reason(method, norm):
+    result = run("certify", MODELS / "digits_mlp.onnx", "--data", MODELS / "digits_test.npz",
+                 "--eps", "0.01", "--method", method, "--norm", norm)
+    assert result.exit_code == 2
+    assert "cannot certify" in result.output and "estimate" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_top_level_help_is_not_cut():
+    result = run("--help")
+    assert result.exit_code == 0
+    commands = result.output.split("Commands:")[1]
+    assert "..." not in commands and all(c in commands for c in
+                                         ("bound", "certify", "compare", "inspect", "methods"))
