@@ -442,7 +442,7 @@ def methods() -> None:
                              else row["name"] for row in describe(est.settings)) or "-"
         table.add_row(name, ", ".join(f"l{n}" for n in est.norms), est.scope,
                       "yes" if est.certificate else "no (estimate)",
-                      ", ".join(est.supported_ops()), settings, est.summary)
+                      ", ".join(est.supported_ops()), escape(settings), escape(est.summary))
     console = Console()
     console.print(table)
     console.print("ONNX ops the importer reads: " + ", ".join(supported_op_types()),
