@@ -2,7 +2,7 @@
 
 Every figure the README states comes with a comment right after it:
 
-    <!-- check: 95.3% :: lipcert certify models/digits_mlp.onnx ... :: summary.certified_accuracy -->
+    <!-- check: 95.3% :: lipcert certify MODEL ... :: summary.certified_accuracy -->
 
 (the figure as written, the command, and where the value is in the command's ``--json``
 output; ``tol=5%`` after the path widens the tolerance for values that depend on a time

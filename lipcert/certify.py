@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checkpoint import Checkpoint, data_hash, header
 from .data import read_arrays
 from .errors import InputError, InternalCheckFailed, MethodNotApplicable
 from .estimators import Bound, Estimator, get_estimator, run_estimator
@@ -40,6 +41,7 @@ from .ir import evaluate
 from .ir import ops as O
 from .ir.graph import Graph, Node
 from .ir.passes import canonicalize
+from .parallel import RayCluster, run_samples
 from .selfcheck import check_boxes, check_certified, check_upper
 from .soundness import checked_array, poison
 
@@ -108,22 +110,36 @@ def _bound_or_raise(result: Bound, method: str) -> Bound:
     return result
 
 
+def _pair_task(payload: dict[str, Any], k: int) -> list[float]:
+    """The bound on one pair's logit difference (run in a worker, or inline)."""
+    graph = with_output_row(payload["graph"], payload["rows"][k])
+    # self-checked all together by the caller: one set of Jacobians serves every pair
+    result = _bound_or_raise(run_estimator(graph, payload["method"], payload["norm"],
+                                           self_check=False, **payload["options"]),
+                             payload["method"])
+    return [float(result.upper)]
+
+
 def pairwise_lipschitz(graph: Graph, method: str, norm: str, n_classes: int,
                        options: dict | None = None,
                        progress: Callable[[int, int], None] | None = None,
-                       self_check: bool = True) -> np.ndarray:
-    """Symmetric matrix of bounds L[y, j] on Lip(f_y - f_j) (global methods)."""
+                       self_check: bool = True, workers: int = 1,
+                       cluster: RayCluster | None = None) -> np.ndarray:
+    """Symmetric matrix of bounds L[y, j] on Lip(f_y - f_j) (global methods); ``workers``
+    processes bound the pairs in parallel."""
     pairs = [(a, b) for a in range(n_classes) for b in range(a + 1, n_classes)]
     bounds = np.zeros((n_classes, n_classes))
     rows = np.zeros((len(pairs), n_classes))
     for k, (a, b) in enumerate(pairs):
         rows[k, a], rows[k, b] = 1.0, -1.0
-        # checked all together below: one set of Jacobians serves every pair
-        result = _bound_or_raise(run_estimator(with_output_row(graph, rows[k]), method, norm,
-                                               self_check=False, **(options or {})), method)
-        bounds[a, b] = bounds[b, a] = poison("certify.pair_bound", result.upper)
+    payload = {"graph": graph, "rows": rows, "method": method, "norm": norm,
+               "options": dict(options or {})}
+    finished = run_samples(_pair_task, payload, list(range(len(pairs))), workers, cluster)
+    for done, (k, (upper,), _, _) in enumerate(finished, 1):
+        a, b = pairs[k]
+        bounds[a, b] = bounds[b, a] = poison("certify.pair_bound", upper)
         if progress:
-            progress(k + 1, len(pairs))
+            progress(done, len(pairs))
     checked_array(bounds, "the pairwise logit-difference bounds", nonnegative=True)
     if self_check and pairs:
         check_upper(graph, method, norm, [bounds[a, b] for a, b in pairs],
@@ -295,11 +311,29 @@ def _evaluate(graph: Graph, x: np.ndarray) -> _Evaluation:
     return _Evaluation(logits, predictions, slack, runtime, notes)
 
 
+def _sample_task(payload: dict[str, Any], i: int) -> list[float]:
+    """The bounds on one sample's logit differences over its box (run in a worker)."""
+    label = int(payload["y"][i])
+    others = np.array([j for j in range(payload["n_classes"]) if j != label])
+    lips, _, _ = _box_bounds(payload["graph"], payload["method"], payload["norm"],
+                             payload["x"][i], payload["eps"], label, others,
+                             payload["n_classes"], payload["options"])
+    return [float(v) for v in lips]
+
+
 def certify(graph: Graph, x: np.ndarray, y: np.ndarray, *, eps: float, method: str = "naive",
             norm: str = "2", options: dict | None = None,
             progress: Callable[[int, int], None] | None = None,
-            self_check: bool = True) -> Certification:
-    """Certified radius of every sample from logit-difference bounds (see the module doc)."""
+            self_check: bool = True, workers: int = 1,
+            checkpoint: str | Path | None = None, resume: bool = False,
+            ray: str | None = None) -> Certification:
+    """Certified radius of every sample from logit-difference bounds (see the module doc).
+
+    ``workers`` > 1 bounds the samples' boxes (box-scoped methods) in that many processes;
+    ``checkpoint`` appends every finished sample to a JSONL file and ``resume`` skips the
+    samples already in it (see :mod:`lipcert.checkpoint`); ``ray`` ("auto", an address or
+    "local") runs that work as tasks on a Ray cluster instead. Radii are computed here, in
+    sample order, from the per-sample bounds, whichever mode computed those."""
     eps = parse_eps(eps)
     estimator = _check_method(method, norm)
     options = dict(options or {})
@@ -312,34 +346,76 @@ def certify(graph: Graph, x: np.ndarray, y: np.ndarray, *, eps: float, method: s
     cap = eps if box_scoped else math.inf
     if box_scoped:
         options = {**estimator.certify_defaults, **options}
-        pair_bounds = np.zeros((n_classes, n_classes))
-    else:
-        pair_bounds = pairwise_lipschitz(graph, method, norm, n_classes, options, progress,
-                                         self_check)
-    radii, margins = np.zeros(len(x)), np.zeros(len(x))
-    boxes: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    ckpt = None if checkpoint is None else Checkpoint(checkpoint, header(
+        graph.meta.get("sha256"), data_hash(x, y), method, norm, eps,
+        {k: v for k, v in options.items() if k != "progress"}), resume)
+    cluster = None
+    try:
+        if ray is not None:
+            cluster = RayCluster(ray, num_cpus=workers if workers > 1 else None)
+        return _certify_samples(graph, x, y, eps, method, norm, options, progress, self_check,
+                                (workers, cluster), ckpt, ev, n_classes, box_scoped, cap,
+                                domain)
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _margins(ev, y: np.ndarray, n_classes: int) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """Each sample's margin (0 when misclassified) and, for the samples with a margin > 0,
+    their reduced logit differences to every other class."""
+    margins = np.zeros(len(y))
+    diffs_of: dict[int, np.ndarray] = {}
     for i, (label, pred) in enumerate(zip(y, ev.predictions, strict=True)):
-        if box_scoped and progress:
-            progress(i, len(x))
         if pred != label:
             continue
         others = np.array([j for j in range(n_classes) if j != label])
         diffs = ev.logits[i, label] - ev.logits[i, others] - ev.slack
         margins[i] = float(diffs.min()) if np.all(np.isfinite(diffs)) else -math.inf
-        if not margins[i] > 0:
-            continue
+        if margins[i] > 0:  # NaN fails
+            diffs_of[i] = diffs
+    return margins, diffs_of
+
+
+def _certify_samples(graph, x, y, eps, method, norm, options, progress, self_check, where,
+                     ckpt, ev, n_classes, box_scoped, cap, domain) -> Certification:
+    radii = np.zeros(len(x))
+    margins, diffs_of = _margins(ev, y, n_classes)
+    if box_scoped:
+        lips_of = _box_bounds_of(graph, x, y, eps, method, norm, options, n_classes,
+                                 sorted(diffs_of), where, ckpt, progress)
+        pair_bounds = np.zeros((n_classes, n_classes))
+    elif ckpt is not None and ckpt.pair_bounds is not None:
+        pair_bounds = ckpt.pair_bounds
+    else:
+        pair_bounds = pairwise_lipschitz(graph, method, norm, n_classes, options, progress,
+                                         self_check, *where)
+        if ckpt is not None:
+            ckpt.add_pair_bounds(pair_bounds)
+    boxes: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    for i, diffs in diffs_of.items():  # in sample order, whatever order workers finished in
+        label = int(y[i])
+        others = np.array([j for j in range(n_classes) if j != label])
         if box_scoped:
-            lips, box, c = _box_bounds(graph, method, norm, x[i], eps, label, others,
-                                       n_classes, options)
+            lips = np.asarray(lips_of[i], dtype=np.float64)
             pair_bounds[label, others] = np.maximum(pair_bounds[label, others], lips)
-            boxes.append((*box, c, lips))
+            boxes.append((*_box(x[i], eps, options), _queries(label, others, n_classes),
+                          lips))
         else:
             lips = pair_bounds[label, others]
         radii[i] = certified_radius(diffs, lips, cap)
     notes = list(ev.notes)
+    workers, cluster = where
+    what = "sample boxes" if box_scoped else "pair bounds"
+    if cluster is not None:
+        notes.append(f"{what} computed as Ray tasks ({cluster.cpus} CPUs in the cluster)")
+    elif workers > 1:
+        notes.append(f"{what} computed by {workers} worker processes")
     if box_scoped:
-        if progress:
-            progress(len(x), len(x))
+        if ckpt is not None and ckpt.resumed:
+            notes.append(f"{ckpt.resumed} samples read back from the checkpoint {ckpt.path}")
         notes.append(f"{method} bounds on each sample's box x +- {eps:g} (linf); radii are "
                      "capped at eps; pair bounds shown are the largest over the samples")
     cert = Certification(method, norm, eps, y, ev.predictions, margins, radii, pair_bounds,
@@ -375,13 +451,44 @@ def _self_check(graph: Graph, cert: Certification, x: np.ndarray,
                       "none flipped")
 
 
+def _box_bounds_of(graph, x, y, eps, method, norm, options, n_classes, todo: list[int],
+                   where: tuple, ckpt, progress) -> dict[int, list[float]]:
+    """Per-sample bounds for the samples ``todo``: from the checkpoint where it has them,
+    the others computed (in ``workers`` processes) and appended to it as they finish."""
+    found = {} if ckpt is None else {i: b for i, b in ckpt.samples.items() if i in set(todo)}
+    if ckpt is not None:
+        ckpt.resumed = len(found)
+    missing = [i for i in todo if i not in found]
+    payload = {"graph": graph, "x": x, "y": y, "eps": eps, "method": method, "norm": norm,
+               "options": options, "n_classes": n_classes}
+    if progress:
+        progress(len(found), len(todo))
+    for i, bounds, seconds, worker in run_samples(_sample_task, payload, missing, *where):
+        found[i] = bounds
+        if ckpt is not None:
+            ckpt.add_sample(i, bounds, seconds, worker)
+        if progress:
+            progress(len(found), len(todo))
+    return found
+
+
+def _queries(label: int, others: np.ndarray, n_classes: int) -> np.ndarray:
+    c = np.zeros((len(others), n_classes))
+    c[:, label] = 1.0
+    c[np.arange(len(others)), others] = -1.0
+    return c
+
+
+def _box(x: np.ndarray, eps: float, options: dict) -> tuple[np.ndarray, np.ndarray]:
+    low, high, _ = box_from_options({**options, "center": x.reshape(-1), "eps": eps}, x.size)
+    return low, high
+
+
 def _box_bounds(graph: Graph, method: str, norm: str, x: np.ndarray, eps: float, label: int,
                 others: np.ndarray, n_classes: int, options: dict):
     """Bounds on ||grad (f_y - f_j)|| over the sample's own box, one per other class j; also
     the box and the query rows (checked for all samples together afterwards)."""
-    c = np.zeros((len(others), n_classes))
-    c[:, label] = 1.0
-    c[np.arange(len(others)), others] = -1.0
+    c = _queries(label, others, n_classes)
     region = {**options, "center": x.reshape(-1), "eps": eps, "queries": c}
     result = _bound_or_raise(run_estimator(graph, method, norm, self_check=False, **region),
                              method)

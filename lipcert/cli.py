@@ -239,11 +239,27 @@ def bound(model: str, method: str, norm: str, json_out: str | None, no_verify: b
 @click.option("--option", "-o", "raw_options", multiple=True, metavar="KEY=VALUE",
               help="method setting (repeatable)")
 @click.option("--no-self-check", is_flag=True, help=SELF_CHECK_HELP)
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="processes that bound the samples' boxes (local)  [default: 1]")
+@click.option("--checkpoint", metavar="FILE.jsonl",
+              help="append every finished sample to FILE (a run can then be resumed)")
+@click.option("--resume", is_flag=True,
+              help="continue the run in --checkpoint FILE, skipping samples it has")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
+              metavar="[ADDRESS]",
+              help="run the samples as Ray tasks: auto (the running cluster), an address, "
+                   "or no value (a local instance; --workers sets its CPUs)")
 def certify(model, data, labels, eps, norm, method, gate, report_eps, json_out, junit,
             junit_per_sample, config_path, no_verify, device, raw_options,
-            no_self_check) -> None:
+            no_self_check, workers, checkpoint, resume, ray_address) -> None:
     """Certified radius per sample and certified accuracy; a CI gate (exit 1 below it)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from . import certify as C
     from .config import method_options, read_config
@@ -275,32 +291,28 @@ def certify(model, data, labels, eps, norm, method, gate, report_eps, json_out, 
         raise InputError(f"--min-certified-accuracy {gate}: give a fraction in [0, 1], "
                          "e.g. 0.8")
     eps = parse_eps(eps)
-    if report_eps:
-        try:
-            eps_list = sorted({float(e) for e in str(report_eps).split(",") if e.strip()})
-        except ValueError:
-            raise InputError(f"--report-eps {report_eps!r}: expected numbers") from None
-    elif cfg.get("report_eps"):
-        eps_list = sorted(float(e) for e in cfg["report_eps"])
-    else:
-        eps_list = sorted({eps * k for k in (0.25, 0.5, 1.0, 2.0, 4.0)} | {0.0})
-    eps_list = sorted(set(eps_list) | {eps})
-    if not all(math.isfinite(e) and e >= 0 for e in eps_list):
-        raise InputError(f"--report-eps {report_eps or cfg.get('report_eps')}: give finite "
-                         "radii >= 0")
+    eps_list = _report_eps(report_eps, cfg.get("report_eps"), eps)
     C._check_method(method, norm).parse_settings(options)
+    workers = int(workers if workers is not None else cfg.get("workers", 1))
+    checkpoint = checkpoint or cfg.get("checkpoint")
+    ray_address = ray_address or cfg.get("ray")
+    if resume and not checkpoint:
+        raise InputError("--resume needs --checkpoint FILE (the run to continue)")
+    if checkpoint:
+        check_outputs(checkpoint=checkpoint)
     x, y = C.load_data(data, labels)
     graph = _load(model, no_verify)
     with Progress("[progress.description]{task.description}", BarColumn(),
-                  MofNCompleteColumn(), TimeElapsedColumn(), console=_err,
-                  transient=True) as progress:
+                  MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=_err, transient=True) as progress:
         task = progress.add_task(f"bounding logit differences ({method}, l{norm})", total=None)
 
         def tick(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
         cert = C.certify(graph, x, y, eps=eps, method=method, norm=norm, options=options,
-                         progress=tick, self_check=not no_self_check)
+                         progress=tick, self_check=not no_self_check, workers=workers,
+                         checkpoint=checkpoint, resume=resume, ray=ray_address)
     summary = cert.summary(eps_list)
     print_table(certify_table(graph, cert, summary, gate), to_stderr=json_out == "-")
     if json_out:
@@ -309,6 +321,25 @@ def certify(model, data, labels, eps, norm, method, gate, report_eps, json_out, 
         write_junit(junit, graph, cert, summary, gate, junit_per_sample)
     if gate is not None and summary["certified_accuracy"] < float(gate):
         sys.exit(1)
+
+
+def _report_eps(given: str | None, configured: list | None, eps: float) -> list[float]:
+    """The radii of the summary: --report-eps, the config's, or eps x 0.25 .. 4 (with eps)."""
+    from .errors import InputError
+
+    if given:
+        try:
+            eps_list = sorted({float(e) for e in str(given).split(",") if e.strip()})
+        except ValueError:
+            raise InputError(f"--report-eps {given!r}: expected numbers") from None
+    elif configured:
+        eps_list = sorted(float(e) for e in configured)
+    else:
+        eps_list = sorted({eps * k for k in (0.25, 0.5, 1.0, 2.0, 4.0)} | {0.0})
+    eps_list = sorted(set(eps_list) | {eps})
+    if not all(math.isfinite(e) and e >= 0 for e in eps_list):
+        raise InputError(f"--report-eps {given or configured}: give finite radii >= 0")
+    return eps_list
 
 
 @cli.command(short_help="All methods side by side with a lower bound.")

@@ -1,7 +1,8 @@
 """TOML configuration: per-method settings, compare defaults and certification gates.
 
     [compare]            methods, norm, timeout
-    [certify]            model, data, labels, eps, norm, method, min_certified_accuracy, ...
+    [certify]            model, data, labels, eps, norm, method, min_certified_accuracy,
+                         workers, checkpoint, ray, ...
     [methods.<name>]     settings passed to that method (see configs/default.toml)
 Relative paths in [certify] are relative to the file.
 """
@@ -42,6 +43,9 @@ CERTIFY_KEYS: dict[str, tuple] = {
     "method": _STR, "min_certified_accuracy": _NUM, "device": _STR,
     "report_eps": (_number_list, "a list of numbers, e.g. [0.05, 0.1]"),
     "options": (lambda v: isinstance(v, dict), "a table, e.g. { iterations = 12 }"),
+    "workers": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                "a whole number >= 1"),
+    "checkpoint": _STR, "ray": _STR,
 }
 COMPARE_KEYS: dict[str, tuple] = {
     "methods": (_methods_value, 'a list of method names, e.g. ["naive", "gram"]'),
@@ -104,7 +108,7 @@ def read_config(path: str | None) -> dict[str, Any]:
     if isinstance(compare.get("methods"), str):  # "naive,gram" as on the command line
         compare["methods"] = [m.strip() for m in compare["methods"].split(",") if m.strip()]
     certify = data.get("certify", {})
-    for key in ("model", "data", "labels"):
+    for key in ("model", "data", "labels", "checkpoint"):
         if key in certify and not Path(certify[key]).is_absolute():
             certify[key] = str(Path(path).parent / certify[key])
     return data

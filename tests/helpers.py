@@ -88,3 +88,16 @@ def random_mlp(widths: list[int], act, seed: int, bias_scale: float = 0.5):
     biases = [rng.uniform(-bias_scale, bias_scale, widths[i + 1])
               for i in range(len(widths) - 1)]
     return mlp_graph(weights, biases, act)
+
+
+def killing_task(payload: dict, i: int) -> list[float]:
+    """A certification task for parallel tests: the worker bounding sample ``kill_at`` kills
+    itself (SIGKILL) the first time, as a lost machine or the OOM killer would."""
+    import os
+    import signal
+
+    marker = Path(payload["marker"])
+    if i == payload["kill_at"] and not marker.exists():
+        marker.touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return [float(i), float(i) / 2]
