@@ -57,8 +57,13 @@ def worker_threads(workers: int) -> int:
 
 
 def chunks(indices: list[int], workers: int, largest: int = 16) -> list[list[int]]:
-    """About four chunks per worker, at most ``largest`` samples each."""
+    """About four chunks per worker, at most ``largest`` samples each
+    (``LIPCERT_CHUNK_SIZE=N`` fixes the size; ``bench/certify_scale.py --chunks`` measures
+    it)."""
+    from .errors import positive_int_env
+
     size = max(1, min(largest, len(indices) // max(1, 4 * workers)))
+    size = positive_int_env("LIPCERT_CHUNK_SIZE", size, "samples")
     return [indices[k:k + size] for k in range(0, len(indices), size)]
 
 

@@ -109,11 +109,11 @@ def test_compare_on_shared_models_never_crashes(name):
 
     if not SHARED.is_dir():
         pytest.skip("../shared/onnx is absent")
-    result = run("compare", SHARED / name, "--timeout", "10", "--json", "-")
+    result = run("compare", SHARED / name, "--timeout", "5", "--json", "-")
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout[result.stdout.index("{"):])
     lower = payload["lower_bound"]["lower"]
-    if lower is None:  # the sampled lower bound may time out at 10 s on a loaded machine
+    if lower is None:  # the sampled lower bound may time out at 5 s on a loaded machine
         assert payload["lower_bound"]["details"].get("timed_out"), payload["lower_bound"]
         return
     for row in payload["results"]:

@@ -28,7 +28,7 @@ LOCAL = ["-n", "inf", "-m", "local", "-o", "domain=0,1", "--eps", "0.01"]
 def data(tmp_path_factory):
     full = np.load(MODELS / "digits_test.npz")
     path = tmp_path_factory.mktemp("data") / "d.npz"
-    np.savez(path, x=full["x"][:80], y=full["y"][:80])
+    np.savez(path, x=full["x"][:60], y=full["y"][:60])
     return path
 
 
@@ -56,25 +56,30 @@ def same_report(a: dict, b: dict, exact: bool = True) -> None:
 
 @pytest.fixture(scope="module")
 def serial(data, tmp_path_factory):
+    """The serial report, computed with one torch thread (as the workers below use)."""
+    import torch
+
     out = tmp_path_factory.mktemp("serial") / "s.json"
-    code, payload, output = certify(MLP, "--data", data, *LOCAL, "--json", out)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code, payload, output = certify(MLP, "--data", data, *LOCAL, "--json", out)
+    finally:
+        torch.set_num_threads(threads)
     assert code == 0, output
     return payload
 
 
 def test_workers_give_the_serial_report(data, serial, tmp_path, monkeypatch):
+    # with the serial run's thread count the report is bit-identical (the default divides
+    # the parent's threads among the workers: last-bit differences at most, checked by the
+    # Ctrl-C test below)
+    monkeypatch.setenv("LIPCERT_WORKER_THREADS", "1")
     code, payload, output = certify(MLP, "--data", data, *LOCAL, "--workers", "2",
                                     "--json", tmp_path / "w.json")
     assert code == 0, output
-    same_report(serial, payload, exact=False)
+    same_report(serial, payload)
     assert any("computed by 2 worker processes" in n for n in payload["notes"])
-    import torch
-
-    monkeypatch.setenv("LIPCERT_WORKER_THREADS", str(torch.get_num_threads()))
-    code, payload, output = certify(MLP, "--data", data, *LOCAL, "--workers", "2",
-                                    "--json", tmp_path / "w2.json")
-    assert code == 0, output
-    same_report(serial, payload)  # the parent's thread count: bit-identical
 
 
 def test_a_cut_checkpoint_resumes_to_the_same_report(data, serial, tmp_path):
@@ -126,8 +131,11 @@ def test_ctrl_c_leaves_a_checkpoint_that_resumes(data, serial, tmp_path):
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if ckpt.exists() and len(ckpt.read_text().splitlines()) > 10:
-            break
+        try:  # the output check may create and remove the file once before the run
+            if len(ckpt.read_text().splitlines()) > 10:
+                break
+        except FileNotFoundError:
+            pass
         time.sleep(0.02)
     interrupted = proc.poll() is None
     proc.send_signal(signal.SIGINT)

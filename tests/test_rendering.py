@@ -69,16 +69,15 @@ def test_methods_and_inspect_at_80_columns():
 
 
 def test_compare_at_80_columns_states_each_lower_bound(wide_relu, tmp_path):
-    out = tmp_path / "c.json"
-    result = run("compare", wide_relu, "--methods", "naive,local,exact,gram", "--norm", "inf",
-                 "--json", out, "--timeout", "60")
+    out, png = tmp_path / "c.json", tmp_path / "c.png"
+    result = run("compare", wide_relu, "--methods", "naive,local,exact", "--norm", "inf",
+                 "--json", out, "--plot", png, "--timeout", "6")
     assert result.exit_code == 0, result.output
     payload = json.loads(out.read_text())
     rows = {r["method"]: r for r in payload["results"]}
     # exact refuses the box before solving (too many unstable ReLUs), with the reason shown
     assert rows["exact"]["upper"] is None and "unstable" in rows["exact"]["notes"][-1]
-    assert_fits_and_whole(result.output, [rows["exact"]["notes"][-1],
-                                          rows["gram"]["notes"][-1]])
+    assert_fits_and_whole(result.output, [rows["exact"]["notes"][-1]])
     # local bounds its own default box: only a value on that box rates it, never the
     # global sample (which may lie outside the box)
     local = rows["local"]
@@ -89,14 +88,8 @@ def test_compare_at_80_columns_states_each_lower_bound(wide_relu, tmp_path):
     assert best["value"] == rows["naive"]["lower_bound"]
     assert best["source"] in result.output  # the title says which
     assert "lower" in result.output.split("─")[-1]  # the sampled yardstick's row and time
-
-
-def test_compare_plot_marks_missing_methods(wide_relu, tmp_path):
-    pytest.importorskip("matplotlib")
-    png = tmp_path / "c.png"
-    result = run("compare", wide_relu, "--methods", "naive,exact", "--norm", "inf", "--plot",
-                 png, "--timeout", "60")
-    assert result.exit_code == 0, result.output
+    # the plot marks exact, which gave no bound (a figure is written; its look was checked
+    # by eye: shared baseline, legend, the reason under a red cross)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -117,10 +110,10 @@ def test_certify_table_states_its_notes(tmp_path):
     assert max(len(line) for line in result.output.splitlines()) <= 80
 
 
-def test_long_lipsdp_runs_report_their_stages():
+def test_long_lipsdp_runs_report_their_stages(wide_relu):
     import lipcert
 
-    graph = lipcert.load(MODELS / "digits_mlp.onnx")
+    graph = lipcert.load(wide_relu)
     seen: list[str] = []
     res = lipcert.bound(graph, "lipsdp", "2", form="eclipse-fast", progress=seen.append)
     assert res.upper is not None
