@@ -90,7 +90,7 @@ def inspect_table(graph: Graph) -> FoldingTable:
          Column("attributes", fold=True)])
     table.add_row("", "input", "", str(graph.input_shape), "", escape(graph.input), "")
     for k, node in enumerate(graph.nodes, 1):
-        params = sum(a.size for a in node.op.arrays().values())
+        params = sum(a.size for a in node.op.parameters().values())
         table.add_row(str(k), node.op.kind, escape(", ".join(node.inputs)), str(node.shape),
                       f"{params:,}" if params else "", escape(node.source),
                       escape(node.op.describe()))

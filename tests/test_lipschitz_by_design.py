@@ -46,3 +46,7 @@ def test_the_shipped_gate_verifies_the_training_claim(tmp_path):
     assert summary["eps"] == CLAIM["eps"]
     # lipcert's radii use certified pair bounds (at most sqrt(2) L): never fewer certified
     assert summary["certified_accuracy"] >= CLAIM["certified_accuracy"] - 1e-9
+
+
+def test_group_sort_indices_are_not_counted_as_parameters(graph):
+    assert graph.parameter_count() == 2 * (64 * 64 + 64) + 64 * 10 + 10

@@ -99,4 +99,4 @@ class Graph:
         return prev == self.output
 
     def parameter_count(self) -> int:
-        return sum(int(a.size) for node in self.nodes for a in node.op.arrays().values())
+        return sum(int(a.size) for node in self.nodes for a in node.op.parameters().values())

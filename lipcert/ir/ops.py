@@ -28,6 +28,10 @@ class Op:
         return {f.name: getattr(self, f.name) for f in fields(self)  # type: ignore[arg-type]
                 if isinstance(getattr(self, f.name), np.ndarray)}
 
+    def parameters(self) -> dict[str, np.ndarray]:
+        """The op's weights: its floating-point arrays (not index arrays such as groups)."""
+        return {k: a for k, a in self.arrays().items() if np.issubdtype(a.dtype, np.floating)}
+
     def describe(self) -> str:
         parts = []
         for f in fields(self):  # type: ignore[arg-type]
