@@ -86,29 +86,25 @@ def train_lipschitz(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                     epochs: int = 150) -> None:
     """Cross-entropy on logits scaled by a temperature, with the true logit lowered by a
     margin (as in deel-lip's margin losses): pushes margins up without changing L."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     onehot = nn.functional.one_hot(y, 10).float()
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(len(x))
-        for i in range(0, len(x), 64):
-            idx = perm[i:i + 64]
-            opt.zero_grad()
-            logits = model(x[idx]) - 0.5 * onehot[idx]
-            nn.functional.cross_entropy(8.0 * logits, y[idx]).backward()
-            opt.step()
-    model.eval()
+    fit(model, x, y, torch.optim.Adam(model.parameters(), lr=1e-2), epochs,
+        lambda out, idx: nn.functional.cross_entropy(8.0 * (out - 0.5 * onehot[idx]), y[idx]))
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 60) -> None:
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    fit(model, x, y, torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4), epochs,
+        lambda out, idx: nn.functional.cross_entropy(out, y[idx]))
+
+
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt, epochs: int, loss) -> None:
+    """Mini-batches of 64 in a fresh random order each epoch; ``loss(outputs, indices)``."""
     for _ in range(epochs):
         model.train()
         perm = torch.randperm(len(x))
         for i in range(0, len(x), 64):
             idx = perm[i:i + 64]
             opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            loss(model(x[idx]), idx).backward()
             opt.step()
     model.eval()
 
