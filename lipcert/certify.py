@@ -127,11 +127,8 @@ def pairwise_lipschitz(graph: Graph, method: str, norm: str, n_classes: int,
                        cluster: RayCluster | None = None) -> np.ndarray:
     """Symmetric matrix of bounds L[y, j] on Lip(f_y - f_j) (global methods); ``workers``
     processes bound the pairs in parallel."""
-    pairs = [(a, b) for a in range(n_classes) for b in range(a + 1, n_classes)]
+    pairs, rows = _pairs_and_rows(n_classes)
     bounds = np.zeros((n_classes, n_classes))
-    rows = np.zeros((len(pairs), n_classes))
-    for k, (a, b) in enumerate(pairs):
-        rows[k, a], rows[k, b] = 1.0, -1.0
     payload = {"graph": graph, "rows": rows, "method": method, "norm": norm,
                "options": dict(options or {})}
     finished = run_samples(_pair_task, payload, list(range(len(pairs))), workers, cluster)
@@ -140,11 +137,29 @@ def pairwise_lipschitz(graph: Graph, method: str, norm: str, n_classes: int,
         bounds[a, b] = bounds[b, a] = poison("certify.pair_bound", upper)
         if progress:
             progress(done, len(pairs))
+    check_pair_bounds(graph, method, norm, bounds, self_check)
+    return bounds
+
+
+def _pairs_and_rows(n_classes: int) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """The class pairs a < b and, for each, the output row e_a - e_b."""
+    pairs = [(a, b) for a in range(n_classes) for b in range(a + 1, n_classes)]
+    rows = np.zeros((len(pairs), n_classes))
+    for k, (a, b) in enumerate(pairs):
+        rows[k, a], rows[k, b] = 1.0, -1.0
+    return pairs, rows
+
+
+def check_pair_bounds(graph: Graph, method: str, norm: str, bounds: np.ndarray,
+                      self_check: bool) -> None:
+    """Pair bounds, computed now or read back from a checkpoint, must be numbers >= 0 (NaN
+    is an internal error) and, unless the self-check is off, at least the sampled lower
+    bound of each pair's logit difference."""
     checked_array(bounds, "the pairwise logit-difference bounds", nonnegative=True)
+    pairs, rows = _pairs_and_rows(bounds.shape[0])
     if self_check and pairs:
         check_upper(graph, method, norm, [bounds[a, b] for a, b in pairs],
                     certificate=True, queries=rows)
-    return bounds
 
 
 def certified_radius(margins: np.ndarray, lips: np.ndarray, cap: float = math.inf) -> float:
@@ -314,7 +329,7 @@ def _evaluate(graph: Graph, x: np.ndarray) -> _Evaluation:
 def _sample_task(payload: dict[str, Any], i: int) -> list[float]:
     """The bounds on one sample's logit differences over its box (run in a worker)."""
     label = int(payload["y"][i])
-    others = np.array([j for j in range(payload["n_classes"]) if j != label])
+    others = _others(label, payload["n_classes"])
     lips, _, _ = _box_bounds(payload["graph"], payload["method"], payload["norm"],
                              payload["x"][i], payload["eps"], label, others,
                              payload["n_classes"], payload["options"])
@@ -371,7 +386,7 @@ def _margins(ev, y: np.ndarray, n_classes: int) -> tuple[np.ndarray, dict[int, n
     for i, (label, pred) in enumerate(zip(y, ev.predictions, strict=True)):
         if pred != label:
             continue
-        others = np.array([j for j in range(n_classes) if j != label])
+        others = _others(label, n_classes)
         diffs = ev.logits[i, label] - ev.logits[i, others] - ev.slack
         margins[i] = float(diffs.min()) if np.all(np.isfinite(diffs)) else -math.inf
         if margins[i] > 0:  # NaN fails
@@ -389,6 +404,10 @@ def _certify_samples(graph, x, y, eps, method, norm, options, progress, self_che
         pair_bounds = np.zeros((n_classes, n_classes))
     elif ckpt is not None and ckpt.pair_bounds is not None:
         pair_bounds = ckpt.pair_bounds
+        if pair_bounds.shape != (n_classes, n_classes):
+            raise InputError(f"--resume: the checkpoint's pair bounds have shape "
+                             f"{pair_bounds.shape}, the model has {n_classes} classes")
+        check_pair_bounds(graph, method, norm, pair_bounds, self_check)  # as if computed
     else:
         pair_bounds = pairwise_lipschitz(graph, method, norm, n_classes, options, progress,
                                          self_check, *where)
@@ -397,7 +416,7 @@ def _certify_samples(graph, x, y, eps, method, norm, options, progress, self_che
     boxes: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     for i, diffs in diffs_of.items():  # in sample order, whatever order workers finished in
         label = int(y[i])
-        others = np.array([j for j in range(n_classes) if j != label])
+        others = _others(label, n_classes)
         if box_scoped:
             lips = np.asarray(lips_of[i], dtype=np.float64)
             pair_bounds[label, others] = np.maximum(pair_bounds[label, others], lips)
@@ -455,7 +474,12 @@ def _box_bounds_of(graph, x, y, eps, method, norm, options, n_classes, todo: lis
                    where: tuple, ckpt, progress) -> dict[int, list[float]]:
     """Per-sample bounds for the samples ``todo``: from the checkpoint where it has them,
     the others computed (in ``workers`` processes) and appended to it as they finish."""
-    found = {} if ckpt is None else {i: b for i, b in ckpt.samples.items() if i in set(todo)}
+    wanted = set(todo)
+    found = {} if ckpt is None else {i: b for i, b in ckpt.samples.items() if i in wanted}
+    for i, bounds in found.items():  # one bound per other class, each a number >= 0
+        if len(bounds) != n_classes - 1:
+            raise InputError(f"--resume: the checkpoint holds {len(bounds)} bounds for sample "
+                             f"{i}, the model has {n_classes - 1} other classes")
     if ckpt is not None:
         ckpt.resumed = len(found)
     missing = [i for i in todo if i not in found]
@@ -470,6 +494,10 @@ def _box_bounds_of(graph, x, y, eps, method, norm, options, n_classes, todo: lis
         if progress:
             progress(len(found), len(todo))
     return found
+
+
+def _others(label: int, n_classes: int) -> np.ndarray:
+    return np.array([j for j in range(n_classes) if j != label])
 
 
 def _queries(label: int, others: np.ndarray, n_classes: int) -> np.ndarray:

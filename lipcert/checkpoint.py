@@ -39,6 +39,20 @@ def header(model_sha: str | None, data_sha: str, method: str, norm: str, eps: fl
             "settings": json.loads(json.dumps(settings, sort_keys=True, default=str))}
 
 
+def _bounds(value: Any, path: Path) -> np.ndarray:
+    """Bounds read back must be numbers >= 0 (inf allowed): NaN, negatives and text are an
+    input error, never a radius. The file is trusted beyond that: a smaller number written
+    into it by hand would certify more (the self-check's attacks and sampled lower bounds
+    still run on every certified sample)."""
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"--resume: {path} holds bounds that are not numbers") from None
+    if array.ndim == 0 or not np.all(array >= 0):  # NaN fails
+        raise InputError(f"--resume: {path} holds bounds that are not numbers >= 0")
+    return array
+
+
 class Checkpoint:
     """Append-only JSONL file of finished work; see the module doc."""
 
@@ -78,10 +92,13 @@ class Checkpoint:
             except json.JSONDecodeError:
                 break  # a line cut by a kill: it and anything after it are dropped
             good.append(line)
-            if "pair_bounds" in entry:
-                self.pair_bounds = np.asarray(entry["pair_bounds"], dtype=np.float64)
+            if isinstance(entry, dict) and "pair_bounds" in entry:
+                self.pair_bounds = _bounds(entry["pair_bounds"], self.path)
+            elif isinstance(entry, dict) and isinstance(entry.get("index"), int):
+                self.samples[entry["index"]] = list(_bounds(entry.get("bounds"), self.path))
             else:
-                self.samples[int(entry["index"])] = [float(v) for v in entry["bounds"]]
+                raise InputError(f"--resume: {self.path} has a line that is neither a sample "
+                                 "nor pair bounds; it was not written by lipcert")
         self._keep = good
 
     def _open(self, head: dict[str, Any], fresh: bool) -> None:

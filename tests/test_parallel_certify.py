@@ -180,3 +180,15 @@ def test_ray_missing_is_exit_2(data, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails, as without the extra
     code, _, output = certify(MLP, "--data", data, *LOCAL, "--ray")
     assert code == 2 and "pip install 'lipcert[ray]'" in output
+
+
+@pytest.mark.parametrize("bad", ["NaN", "-1.0", '"x"'])
+def test_a_checkpoint_with_bad_bounds_gives_no_radius(data, tmp_path, bad):
+    ckpt = tmp_path / "run.jsonl"
+    assert certify(MLP, "--data", data, *LOCAL, "--checkpoint", ckpt)[0] == 0
+    lines = ckpt.read_text().splitlines()
+    entry = json.loads(lines[1])
+    lines[1] = json.dumps(entry).replace(json.dumps(entry["bounds"][0]), bad, 1)
+    ckpt.write_text("\n".join(lines) + "\n")
+    code, _, output = certify(MLP, "--data", data, *LOCAL, "--checkpoint", ckpt, "--resume")
+    assert code == 2 and "numbers" in output

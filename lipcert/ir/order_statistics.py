@@ -138,7 +138,8 @@ def region(sink: Node, producer) -> tuple[list[Node], set[str]]:
         if node.output in done:
             return
         for value in node.inputs:
-            visit(nodes[value]) if value in nodes else None
+            if value in nodes:
+                visit(nodes[value])
         done.add(node.output)
         order.append(node)
 

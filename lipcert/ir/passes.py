@@ -5,8 +5,9 @@
   Conv or ConvTranspose, pushing it through Reshape/Transpose first;
 - merge consecutive Dense maps and consecutive Scales (exact, and tighter for product
   bounds: ||W2 W1|| <= ||W2|| ||W1||);
-- recognise MaxMin written as Concat(Max(a, b), Min(a, b)) of the two halves of a tensor
-  (what ``torch.onnx.export`` emits for chunk/maximum/minimum/cat) as a GroupSort;
+- recognise GroupSort and MaxMin in any export form (Concat(Max(a, b), Min(a, b)) of two
+  halves, ReduceMax/ReduceMin over reshaped pairs, TopK of reshaped groups, ...) by the
+  symbolic evaluation of :mod:`order_statistics`;
 - remove dead nodes.
 Every rewrite is exact; import fidelity is checked on the canonical graph.
 """
@@ -247,37 +248,6 @@ def _merge_dense(node: Node, work: _Work) -> bool:
     return True
 
 
-def _max_min(node: Node, work: _Work) -> bool:
-    """Concat(Max(x[:h], x[h:]), Min(x[:h], x[h:])) along one axis  ==>  GroupSort pairs."""
-    op = node.op
-    if not isinstance(op, O.Concat) or len(node.inputs) != 2:
-        return False
-    first, second = (work.producer(v) for v in node.inputs)
-    if not all(isinstance(n, Node) and isinstance(n.op, O.Extremum) for n in (first, second)):
-        return False
-    if {first.op.mode, second.op.mode} != {"max", "min"} or \
-            set(first.inputs) != set(second.inputs) or len(first.inputs) != 2:
-        return False
-    if any(work.sole_use(n.output) is not node for n in (first, second)):
-        return False
-    slices = [work.producer(v) for v in first.inputs]
-    if not all(isinstance(s, Node) and isinstance(s.op, O.Slice) for s in slices):
-        return False
-    src = slices[0].inputs[0]
-    if slices[1].inputs[0] != src or any(s.op.axis != op.axis or s.op.step != 1 for s in slices):
-        return False
-    n = work.shape_of(src)[op.axis]
-    lo, hi = sorted(slices, key=lambda s: s.op.start)
-    h = n // 2
-    if n % 2 or (lo.op.start, lo.op.stop, hi.op.start, hi.op.stop) != (0, h, h, n):
-        return False
-    k = np.arange(h)
-    groups = np.stack([k, k + h], 1) if first.op.mode == "max" else np.stack([k + h, k], 1)
-    work.replace(node, Node(O.GroupSort(op.axis, groups), (src,), node.output, node.shape,
-                            f"MaxMin({first.source}, {second.source})"))
-    return True
-
-
 def _order_statistics(node: Node, work: _Work) -> bool:
     """Any export form of GroupSort/MaxMin ending at ``node``  ==>  one GroupSort (plus a
     permutation and a Reshape where the output layout needs them); see order_statistics."""
@@ -325,7 +295,7 @@ def _order_statistics(node: Node, work: _Work) -> bool:
     return True
 
 
-_RULES = (_fold_scale_into_producer, _fold_scale_into_consumer, _merge_dense, _max_min,
+_RULES = (_fold_scale_into_producer, _fold_scale_into_consumer, _merge_dense,
           _order_statistics)
 
 

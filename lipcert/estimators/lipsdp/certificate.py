@@ -18,7 +18,7 @@ import scipy.linalg as sla
 
 from ..common.progress import report
 from ..common.rounding import mul_up, sum_up
-from .lmi import assemble, feasible_start, nonneg_mask
+from .lmi import assemble, feasible_start, lmi_size, nonneg_mask
 
 U = 2.0**-53
 
@@ -109,7 +109,7 @@ def certify_and_repair(weights, slopes, lam, tau=None):
     recomputed in any case)."""
     lam = np.asarray(lam, dtype=np.float64)
     lam = np.where(nonneg_mask(weights, slopes), np.maximum(lam, 0.0), lam)
-    size = weights[0].shape[1] + sum(w.shape[0] for w in weights[:-1])
+    size = lmi_size(weights)
     report(f"checking the certificate (size {size})")
     rho, why = _certify_fixed(weights, slopes, lam, tau)
     if rho is not None:

@@ -33,6 +33,11 @@ def _structure(weights: list[np.ndarray]):
     return n0, row, blocks
 
 
+def lmi_size(weights: list[np.ndarray]) -> int:
+    """Side of the LMI: the input dimension plus every hidden neuron."""
+    return weights[0].shape[1] + sum(w.shape[0] for w in weights[:-1])
+
+
 def n_multipliers(weights, qcs) -> list[int]:
     """Entries of the multiplier vector per hidden layer: one per neuron for a slope
     restriction, (lambda_j, gamma_j) per group for GroupSort."""

@@ -22,6 +22,7 @@ from .lmi import (
     feasible_start,
     lmi_components,
     lmi_expression,
+    lmi_size,
     nonneg_mask,
     parameter_groups,
 )
@@ -126,7 +127,7 @@ def solve_lipsdp(weights, slopes, form: str, solver: str, time_limit: float,
         if math.isfinite(time_limit):  # SCS takes no infinite limit: max_iters decides
             kwargs["time_limit_secs"] = time_limit
     start = time.perf_counter()
-    size = weights[0].shape[1] + sum(w.shape[0] for w in weights[:-1])
+    size = lmi_size(weights)
     report(f"{solver.upper()} on the LMI (size {size}"
            + (f", <= {time_limit:.0f} s)" if math.isfinite(time_limit) else ")"))
     try:
@@ -198,7 +199,7 @@ def _eclipse_certificate(weights, slopes):
     direction = eclipse_fast_multipliers(weights, slopes)
     best: tuple[float | None, str, np.ndarray | None] = (None, "no scale certified", None)
 
-    size = weights[0].shape[1] + sum(w.shape[0] for w in weights[:-1])
+    size = lmi_size(weights)
     steps = Countdown(f"ECLipsE-Fast check (size {size})", 62)
 
     def value(log_c: float) -> float:

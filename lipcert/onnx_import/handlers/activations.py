@@ -8,7 +8,7 @@ import numpy as np
 from ...ir import ops as O
 from ..context import ImportContext, Unsupported
 from ..registry import handles
-from .common import norm_axis
+from .common import norm_axis, reduce_axes
 
 
 @handles("Relu")
@@ -116,20 +116,13 @@ def reduce_extremum(ctx: ImportContext) -> None:
     order-statistics pass turns those forms into GroupSort."""
     x = ctx.data_input(0)
     rank = len(ctx.shape(x))
-    if ctx.opset < 18:
-        axes = ctx.attr("axes")
-    elif ctx.n_inputs() > 1 and ctx.input_name(1):
-        axes = ctx.const_ints(1)
-        if axes is None:
-            raise Unsupported("axes computed from the model input (they must be constant)")
-    else:
-        axes = None
-    if axes is None or len(axes) == 0:
+    axes = reduce_axes(ctx, rank)
+    if axes is None:
         if ctx.attr("noop_with_empty_axes", 0):
             ctx.bind(0, x)
             return
         axes = list(range(rank))
-    axes = tuple(sorted({norm_axis(int(a), rank) for a in axes}))
+    axes = tuple(axes)
     mode = "max" if ctx.node.op_type == "ReduceMax" else "min"
     ctx.bind(0, ctx.emit(O.Reduce(mode, axes, bool(ctx.attr("keepdims", 1))), [x]))
 

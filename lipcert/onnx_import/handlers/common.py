@@ -69,3 +69,20 @@ def spatial_pads(ctx, in_hw: tuple[int, int], kernel: tuple[int, int],
         begin.append(b)
         end.append(e)
     return (begin[0], begin[1], end[0], end[1])
+
+
+def reduce_axes(ctx, rank: int) -> list[int] | None:
+    """The axes of a Reduce* node, normalised and sorted: the attribute before opset 18, the
+    constant second input from 18 on; None when none are given (reduce over all, or nothing
+    with noop_with_empty_axes). Axes computed from the model input are refused."""
+    if ctx.opset < 18:
+        axes = ctx.attr("axes")
+    elif ctx.n_inputs() > 1 and ctx.input_name(1):
+        axes = ctx.const_ints(1)
+        if axes is None:
+            raise Unsupported("axes computed from the model input (they must be constant)")
+    else:
+        axes = None
+    if axes is None or len(axes) == 0:
+        return None
+    return sorted({norm_axis(int(a), rank) for a in axes})

@@ -7,7 +7,7 @@ import numpy as np
 from ...ir import ops as O
 from ..context import ImportContext, Unsupported
 from ..registry import handles
-from .common import pair, spatial_pads
+from .common import pair, reduce_axes, spatial_pads
 
 
 def _window(ctx: ImportContext, x: str):
@@ -76,8 +76,7 @@ def reduce_mean(ctx: ImportContext) -> None:
     """ReduceMean over all spatial axes (what exporters emit for global average pooling)."""
     x = ctx.data_input(0)
     dims = ctx.shape(x)
-    axes = ctx.attr("axes") if ctx.opset < 18 else ctx.const_ints(1)
-    axes = sorted(a % len(dims) for a in axes) if axes is not None else None
+    axes = reduce_axes(ctx, len(dims))
     if len(dims) < 3 or axes != list(range(2, len(dims))):
         raise Unsupported(f"ReduceMean over axes {axes} (only over all spatial axes)")
     y = ctx.emit(O.GlobalAvgPool(), [x])
