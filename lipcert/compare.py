@@ -144,13 +144,17 @@ def _region_key(bound: Bound, region_given: bool) -> str:
 
 
 def lower_evidence(results: list[Bound], lower: Bound, region_given: bool) -> list[LowerEvidence]:
-    """Every positive lower value the run produced, largest first."""
+    """Every finite positive lower value the run produced, largest first (an infinite one
+    would rate every bound "tight")."""
+    def usable(value: float | None) -> bool:  # a finite number > 0 (NaN and inf fail)
+        return value is not None and 0 < value < math.inf
+
     found = []
-    if lower.lower is not None and lower.lower > 0:
+    if usable(lower.lower):
         found.append(LowerEvidence(lower.lower, _SOURCES["lower"],
                                    "region" if region_given else "global"))
     for r in results:
-        if r.lower is not None and r.lower > 0 and r.method != "lower":
+        if usable(r.lower) and r.method != "lower":
             found.append(LowerEvidence(r.lower, _SOURCES.get(r.method,
                                                              f"{r.method}'s attained value"),
                                        _region_key(r, region_given)))

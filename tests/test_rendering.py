@@ -141,3 +141,15 @@ def test_top_level_help_is_not_cut():
     commands = result.output.split("Commands:")[1]
     assert "..." not in commands and all(c in commands for c in
                                          ("bound", "certify", "compare", "inspect", "methods"))
+
+
+def test_lower_values_that_are_not_finite_positive_numbers_are_not_used():
+    from lipcert.compare import best_lower, compare_payload_rows
+    from lipcert.estimators.base import Bound
+
+    lower = Bound("lower", "inf", None, lower=float("nan"), sound=False)
+    results = [Bound("local", "inf", 5.0, lower=float("inf"), scope="box",
+                     region={"describe": "b"}),
+               Bound("naive", "inf", 9.0, lower=-1.0)]
+    assert best_lower(results, lower, False) is None
+    assert all(row["ratio"] is None for row in compare_payload_rows(results, lower, False))
