@@ -280,15 +280,16 @@ def _order_statistics(node: Node, work: _Work) -> bool:
         return False
     position = work.position[node.output]
     value = f"{node.output}::groupsort"
+    label = f"{'MaxMin' if canon.groups.shape[1] == 2 else 'GroupSort'}({names})"
     work.insert_at(position - 0.5, Node(O.GroupSort(canon.axis, canon.groups), (src,), value,
-                                        shape, f"GroupSort({names})"))
+                                        shape, label))
     if canon.permutation is not None:
         n = shape[canon.axis]
         perm = np.zeros((n, n))
         perm[np.arange(n), canon.permutation] = 1.0
         work.insert_at(position - 0.25, Node(O.Dense(perm, None, canon.axis), (value,),
                                              value + "::order", shape,
-                                             f"output order of GroupSort({names})"))
+                                             f"output order of {label}"))
         value += "::order"
     work.replace(node, Node(O.Reshape(node.shape), (value,), node.output, node.shape,
                             node.source))
