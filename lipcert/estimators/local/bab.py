@@ -64,11 +64,14 @@ class BabResult:
 class LocalProblem:
     """One AffineDag on one box, bounding ||grad c_q^T f||_1 for each row c_q of C."""
 
-    def __init__(self, dag: AffineDag, xl: np.ndarray, xu: np.ndarray, c: np.ndarray):
+    def __init__(self, dag: AffineDag, xl: np.ndarray, xu: np.ndarray, c: np.ndarray,
+                 cap: torch.Tensor | None = None):
         self.dag = dag
         self.xl = torch.as_tensor(xl, dtype=torch.float64).reshape(1, -1)
         self.xu = torch.as_tensor(xu, dtype=torch.float64).reshape(1, -1)
         self.c = torch.as_tensor(c, dtype=torch.float64).reshape(-1, dag.out.bias.numel())
+        # a bound per query valid on every box (gradient_cap), or none
+        self.cap = cap
         self.piecewise_linear = all(isinstance(op, (O.Relu, O.LeakyRelu)) for op in dag.acts)
 
     def evaluate(self, queries: list[int], splits: list[torch.Tensor] | None,
@@ -93,7 +96,8 @@ class LocalProblem:
                     pos = int(best[i])
                     act = int(np.searchsorted(offsets, pos, side="right")) - 1
                     branches[i] = (act, pos - int(offsets[act]))
-        upper = torch.where(fwd.infeasible, torch.full_like(jac.upper, -np.inf), jac.upper)
+        upper = jac.upper if self.cap is None else torch.minimum(jac.upper, self.cap[queries])
+        upper = torch.where(fwd.infeasible, torch.full_like(upper, -np.inf), upper)
         return fwd, upper, branches
 
     def leaf_feasible(self, dom: Domain) -> str:

@@ -18,12 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...ir import ops as O
 from ...ir.graph import Graph
 from ...ir.lowering import MAX_ENTRIES, UNROLLABLE, AffineDag, cached_affine_dag
+from ...ir.sorting_networks import cached_expansion
 from ..base import Bound, Estimator, register
 from ..common.region import box_from_options, nudged
 from ..settings import setting
 from .bab import BabResult, LocalProblem, branch_and_bound
+from .jacobian import gradient_cap
 
 DEFAULT_BAB_TIME = 10.0
 
@@ -42,11 +45,17 @@ def gradient_norms(dag: AffineDag, x: np.ndarray, c: np.ndarray) -> np.ndarray:
 
 def local_bound(dag: AffineDag, low: np.ndarray, high: np.ndarray, c: np.ndarray, *,
                 bab_time: float = DEFAULT_BAB_TIME, max_domains: int = 200_000,
-                batch: int = 32, progress: Callable[[dict], None] | None = None) -> BabResult:
+                batch: int = 32, progress: Callable[[dict], None] | None = None,
+                max_entries: int = MAX_ENTRIES) -> BabResult:
     """Bound max over the box [low, high] of ||grad c_q^T f||_1 for every row c_q of c.
 
-    ``bab_time`` = 0 gives the root bound (bound propagation without branching)."""
-    problem = LocalProblem(dag, low, high, np.atleast_2d(c))
+    GroupSort layers of ``dag`` are bounded through their sorting networks of ReLUs, and
+    every bound is capped by :func:`gradient_cap` of ``dag`` itself (where GroupSort keeps
+    its gain of 1). ``bab_time`` = 0 gives the root bound (bound propagation without
+    branching)."""
+    c = np.atleast_2d(c)
+    cap = gradient_cap(dag, torch.as_tensor(c, dtype=torch.float64))
+    problem = LocalProblem(cached_expansion(dag, "local", max_entries), low, high, c, cap)
     return branch_and_bound(problem, time_budget=bab_time, max_domains=max_domains,
                             batch=batch, progress=progress)
 
@@ -82,11 +91,12 @@ class LocalEstimator(Estimator):
                "with branch-and-bound (Shi et al., NeurIPS 2022)")
     norms = ("inf",)
     scope = "box"
-    handlers = {op: None for op in UNROLLABLE}
+    # GroupSort/MaxMin: written exactly as ReLU compare-exchanges (a sorting network)
+    handlers = {op: None for op in (*UNROLLABLE, O.GroupSort)}
 
     def compute(self, graph: Graph, norm: str, **options: Any) -> Bound:
-        dag = cached_affine_dag(graph, self.name,
-                                int(options.get("max_entries", MAX_ENTRIES)))
+        max_entries = int(options.get("max_entries", MAX_ENTRIES))
+        dag = cached_affine_dag(graph, self.name, max_entries)
         low, high, region = box_from_options(options, dag.sizes[0])
         n_out = dag.out.bias.numel()
         c = np.asarray(options["queries"], dtype=np.float64) if options.get(
@@ -95,7 +105,8 @@ class LocalEstimator(Estimator):
         result = local_bound(dag, low, high, c, bab_time=bab_time,
                              max_domains=int(options.get("max_domains", 200_000)),
                              batch=int(options.get("batch", 32)),
-                             progress=_progress_text(options.get("progress")))
+                             progress=_progress_text(options.get("progress")),
+                             max_entries=max_entries)
         root = result.root
         lower = result.lower
         center = ((low + high) / 2 if options.get("center") is None else
