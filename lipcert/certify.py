@@ -37,6 +37,7 @@ from .data import read_arrays
 from .errors import InputError, InternalCheckFailed, MethodNotApplicable
 from .estimators import Bound, Estimator, get_estimator, run_estimator
 from .estimators.common.region import box_from_options, parse_domain, parse_eps
+from .estimators.common.rounding import mul_up, sqrt_up
 from .ir import evaluate
 from .ir import ops as O
 from .ir.graph import Graph, Node
@@ -137,6 +138,22 @@ def pairwise_lipschitz(graph: Graph, method: str, norm: str, n_classes: int,
         bounds[a, b] = bounds[b, a] = poison("certify.pair_bound", upper)
         if progress:
             progress(done, len(pairs))
+    check_pair_bounds(graph, method, norm, bounds, self_check)
+    return bounds
+
+
+def pairs_from_global(graph: Graph, method: str, norm: str, n_classes: int,
+                      options: dict | None = None, self_check: bool = True) -> np.ndarray:
+    """Every pair's bound from one bound L of f: |(f_y - f_j)(x) - (f_y - f_j)(x')| <=
+    ||e_y - e_j||_q ||f(x) - f(x')||_p <= ||e_y - e_j||_q L ||x - x'|| (Hoelder, q the dual
+    of the output norm: sqrt(2) in l2; in linf the output norm is linf, q = 1, factor 2).
+    Tsuzuku, Sato, Sugiyama (NeurIPS 2018) certify 1-Lipschitz networks this way."""
+    result = _bound_or_raise(run_estimator(graph, method, norm, self_check=self_check,
+                                           **dict(options or {})), method)
+    factor = sqrt_up(2.0) if norm == "2" else 2.0
+    value = mul_up(poison("certify.pair_bound", float(result.upper)), factor)
+    bounds = np.full((n_classes, n_classes), value)
+    np.fill_diagonal(bounds, 0.0)
     check_pair_bounds(graph, method, norm, bounds, self_check)
     return bounds
 
@@ -341,18 +358,25 @@ def certify(graph: Graph, x: np.ndarray, y: np.ndarray, *, eps: float, method: s
             progress: Callable[[int, int], None] | None = None,
             self_check: bool = True, workers: int = 1,
             checkpoint: str | Path | None = None, resume: bool = False,
-            ray: str | None = None) -> Certification:
+            ray: str | None = None, pair_bounds: str = "each") -> Certification:
     """Certified radius of every sample from logit-difference bounds (see the module doc).
 
     ``workers`` > 1 bounds the samples' boxes (box-scoped methods) in that many processes;
     ``checkpoint`` appends every finished sample to a JSONL file and ``resume`` skips the
     samples already in it (see :mod:`lipcert.checkpoint`); ``ray`` ("auto", an address or
     "local") runs that work as tasks on a Ray cluster instead. Radii are computed here, in
-    sample order, from the per-sample bounds, whichever mode computed those."""
+    sample order, from the per-sample bounds, whichever mode computed those.
+    ``pair_bounds`` "global" (global methods) bounds f once and gives every pair
+    ||e_y - e_j||_q L (:func:`pairs_from_global`) instead of bounding each pair."""
     eps = parse_eps(eps)
     estimator = _check_method(method, norm)
     options = dict(options or {})
     box_scoped = estimator.accepts_region
+    if pair_bounds not in ("each", "global"):
+        raise InputError(f"pair_bounds {pair_bounds!r}: expected each or global")
+    if box_scoped and pair_bounds == "global":
+        raise InputError(f"method {method} bounds each sample's box; --pair-bounds global is "
+                         "for global methods (naive, gram, lipsdp)")
     if box_scoped and not eps > 0:
         raise InputError(f"method {method} bounds each sample's box x +- eps: give --eps > 0")
     domain = parse_domain(options.get("domain")) if box_scoped else None
@@ -363,14 +387,15 @@ def certify(graph: Graph, x: np.ndarray, y: np.ndarray, *, eps: float, method: s
         options = {**estimator.certify_defaults, **options}
     ckpt = None if checkpoint is None else Checkpoint(checkpoint, header(
         graph.meta.get("sha256"), data_hash(x, y), method, norm, eps,
-        {k: v for k, v in options.items() if k != "progress"}), resume)
+        {**{k: v for k, v in options.items() if k != "progress"},
+         **({"pair_bounds": pair_bounds} if pair_bounds != "each" else {})}), resume)
     cluster = None
     try:
         if ray is not None:
             cluster = RayCluster(ray, num_cpus=workers if workers > 1 else None)
         return _certify_samples(graph, x, y, eps, method, norm, options, progress, self_check,
                                 (workers, cluster), ckpt, ev, n_classes, box_scoped, cap,
-                                domain)
+                                domain, pair_bounds)
     finally:
         if ckpt is not None:
             ckpt.close()
@@ -394,25 +419,39 @@ def _margins(ev, y: np.ndarray, n_classes: int) -> tuple[np.ndarray, dict[int, n
     return margins, diffs_of
 
 
+def _global_pair_bounds(graph, method, norm, options, progress, self_check, where, ckpt,
+                        n_classes, pair_bounds_from: str) -> np.ndarray:
+    """A global method's pair bounds: read back from a checkpoint (and checked as if
+    computed), from one bound of f, or one bound per pair; a checkpoint records them."""
+    if ckpt is not None and ckpt.pair_bounds is not None:
+        bounds = ckpt.pair_bounds
+        if bounds.shape != (n_classes, n_classes):
+            raise InputError(f"--resume: the checkpoint's pair bounds have shape "
+                             f"{bounds.shape}, the model has {n_classes} classes")
+        check_pair_bounds(graph, method, norm, bounds, self_check)
+        return bounds
+    if pair_bounds_from == "global":
+        bounds = pairs_from_global(graph, method, norm, n_classes, options, self_check)
+    else:
+        bounds = pairwise_lipschitz(graph, method, norm, n_classes, options, progress,
+                                    self_check, *where)
+    if ckpt is not None:
+        ckpt.add_pair_bounds(bounds)
+    return bounds
+
+
 def _certify_samples(graph, x, y, eps, method, norm, options, progress, self_check, where,
-                     ckpt, ev, n_classes, box_scoped, cap, domain) -> Certification:
+                     ckpt, ev, n_classes, box_scoped, cap, domain,
+                     pair_bounds_from: str = "each") -> Certification:
     radii = np.zeros(len(x))
     margins, diffs_of = _margins(ev, y, n_classes)
     if box_scoped:
         lips_of = _box_bounds_of(graph, x, y, eps, method, norm, options, n_classes,
                                  sorted(diffs_of), where, ckpt, progress)
         pair_bounds = np.zeros((n_classes, n_classes))
-    elif ckpt is not None and ckpt.pair_bounds is not None:
-        pair_bounds = ckpt.pair_bounds
-        if pair_bounds.shape != (n_classes, n_classes):
-            raise InputError(f"--resume: the checkpoint's pair bounds have shape "
-                             f"{pair_bounds.shape}, the model has {n_classes} classes")
-        check_pair_bounds(graph, method, norm, pair_bounds, self_check)  # as if computed
     else:
-        pair_bounds = pairwise_lipschitz(graph, method, norm, n_classes, options, progress,
-                                         self_check, *where)
-        if ckpt is not None:
-            ckpt.add_pair_bounds(pair_bounds)
+        pair_bounds = _global_pair_bounds(graph, method, norm, options, progress, self_check,
+                                          where, ckpt, n_classes, pair_bounds_from)
     boxes: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     for i, diffs in diffs_of.items():  # in sample order, whatever order workers finished in
         label = int(y[i])
@@ -427,6 +466,11 @@ def _certify_samples(graph, x, y, eps, method, norm, options, progress, self_che
         radii[i] = certified_radius(diffs, lips, cap)
     notes = list(ev.notes)
     workers, cluster = where
+    if pair_bounds_from == "global":
+        notes.append(f"pair bounds from one {method} bound L of f: "
+                     f"||e_y - e_j||_{'2' if norm == '2' else '1'} L = "
+                     f"{'sqrt(2)' if norm == '2' else '2'} L for every pair "
+                     "(--pair-bounds each bounds each pair, usually tighter)")
     what = "sample boxes" if box_scoped else "pair bounds"
     if cluster is not None:
         notes.append(f"{what} computed as Ray tasks ({cluster.cpus} CPUs in the cluster)")

@@ -46,6 +46,7 @@ CERTIFY_KEYS: dict[str, tuple] = {
     "workers": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
                 "a whole number >= 1"),
     "checkpoint": _STR, "ray": _STR,
+    "pair_bounds": (lambda v: v in ("each", "global"), '"each" or "global"'),
 }
 COMPARE_KEYS: dict[str, tuple] = {
     "methods": (_methods_value, 'a list of method names, e.g. ["naive", "gram"]'),

@@ -44,10 +44,10 @@ def _run_chunk(indices: list[int]) -> list[tuple[int, list[float], float, str]]:
 def worker_threads(workers: int) -> int:
     """torch threads per worker: the parent's count divided among the workers, so that the
     workers do not oversubscribe the cores (OpenMP threads that fight for a core make a run
-    several times slower: measured 62.7 s against 17.4 s, bench/certify_scale.py). A
-    different thread count blocks matrix products differently, so bounds can differ from a
-    serial run's in the last bits; ``LIPCERT_WORKER_THREADS=N`` sets the count (the
-    parent's count gives bit-identical results)."""
+    several times slower: measured 62.7 s against 17.4 s, bench/certify_scale.py). Reports
+    were measured bit-identical to serial runs with this default (tests check it); should a
+    BLAS block products differently at another thread count, ``LIPCERT_WORKER_THREADS=N``
+    sets the count (the parent's count reproduces a serial run's arithmetic)."""
     import torch
 
     from .errors import positive_int_env

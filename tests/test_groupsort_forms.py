@@ -12,10 +12,13 @@ notes, bounded soundly by naive and refused by name by lipsdp.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from helpers import export
+from test_local import box_gradient_lower
 from torch import nn
 
 import lipcert
@@ -184,3 +187,23 @@ def test_deel_torchlip_exports(kind, conv, dynamo, tmp_path):
         assert naive <= 1.001 * float(np.prod(norms)), (naive, norms)
     methods = ("naive", "gram", "lipsdp") if kind == "GroupSort2" or not conv else ("naive",)
     assert_between_lower_and(graph, naive * (1 + 1e-9), methods)
+
+
+TF2ONNX = Path(__file__).parent / "data" / "tf2onnx"
+
+
+@pytest.mark.parametrize("name,group", [("gs2", 2), ("fullsort", 32), ("gs4", 4)])
+def test_deel_lip_keras_exports_by_tf2onnx(name, group):
+    # real exports (tests/data/tf2onnx/export_deel_lip.py): GroupSort2 as Split/Min/Max/
+    # Concat, FullSort and GroupSort(4) as Neg/TopK/Neg (an ascending sort)
+    graph = lipcert.load(TF2ONNX / f"deel_{name}.onnx")
+    sorts = [n.op for n in graph.nodes if isinstance(n.op, O.GroupSort)]
+    kinds = ops_of(graph)
+    assert len(sorts) == 2 and O.Extremum not in kinds and O.Scale not in kinds, kinds
+    assert all(op.groups.shape[1] == group for op in sorts)
+    norms = [float(np.linalg.norm(n.op.weight, 2)) for n in graph.nodes
+             if isinstance(n.op, O.Dense)]
+    assert_between_lower_and(graph, 1.001 * float(np.prod(norms)))
+    center = np.random.default_rng(0).uniform(-1, 1, 16)
+    local = lipcert.bound(graph, "local", "inf", center=center, eps=0.05, bab_time=0)
+    assert local.upper >= box_gradient_lower(graph, center, 0.05, samples=40)

@@ -38,10 +38,12 @@ class NotGroupSort(Exception):
 
 @dataclass(frozen=True)
 class Term:
-    """The ``rank``-th largest (0: the maximum) of the source elements ``members``."""
+    """The ``rank``-th largest (0: the maximum) of the source elements ``members``, or with
+    ``negated`` of their negatives: -(the (|members| - 1 - rank)-th largest of them)."""
 
     members: frozenset[int]
     rank: int
+    negated: bool = False
 
     @property
     def is_max(self) -> bool:
@@ -57,11 +59,40 @@ def _unite(terms, mode: str) -> Term:
     union = frozenset().union(*sets)
     if sum(len(s) for s in sets) != len(union):
         raise NotGroupSort(f"a {mode} over overlapping groups")
+    negated = _same_sign(terms)
     if mode == "max" and all(t.is_max for t in terms):
-        return Term(union, 0)
+        return Term(union, 0, negated)
     if mode == "min" and all(t.is_min for t in terms):
-        return Term(union, len(union) - 1)
+        return Term(union, len(union) - 1, negated)
     raise NotGroupSort(f"a {mode} of values that are not {mode}ima of their groups")
+
+
+def _same_sign(terms) -> bool:
+    signs = {t.negated for t in terms}
+    if len(signs) != 1:
+        raise NotGroupSort("a max/min/sort of values and negated values")
+    return signs.pop()
+
+
+def is_negation(op: O.Op) -> bool:
+    """A Scale that is x -> -x (tf2onnx writes an ascending sort as Neg, TopK, Neg)."""
+    return isinstance(op, O.Scale) and bool(np.all(np.asarray(op.scale) == -1.0)) and \
+        bool(np.all(np.asarray(op.shift) == 0.0))
+
+
+def in_region(op: O.Op) -> bool:
+    """Ops a GroupSort export form is written with: layout, max/min/sort, negation."""
+    return isinstance(op, LAYOUT + ORDER) or is_negation(op)
+
+
+def _negate(op: O.Scale, x: np.ndarray) -> np.ndarray:
+    if np.broadcast_shapes(np.shape(op.scale), x.shape) != x.shape:
+        raise NotGroupSort("a negation that broadcasts")
+    out = np.empty(x.shape, dtype=object)
+    for idx in np.ndindex(x.shape):
+        t = x[idx]
+        out[idx] = Term(t.members, len(t.members) - 1 - t.rank, not t.negated)
+    return out
 
 
 def _extremum(op: O.Extremum, *xs: np.ndarray) -> np.ndarray:
@@ -93,9 +124,10 @@ def _group_sort(op: O.GroupSort, x: np.ndarray) -> np.ndarray:
             terms = [xm[idx][p] for p in group]
             if not all(len(t.members) == 1 for t in terms):
                 raise NotGroupSort("a sort of values that are not single elements")
+            negated = _same_sign(terms)
             union = frozenset().union(*(t.members for t in terms))
             for r, p in enumerate(group):
-                om[idx][p] = Term(union, r)
+                om[idx][p] = Term(union, r, negated)
     return out
 
 
@@ -111,6 +143,7 @@ SYMBOLIC = {
     O.Extremum: _extremum,
     O.Reduce: _reduce,
     O.GroupSort: _group_sort,
+    O.Scale: _negate,  # only negations enter a region (in_region)
 }
 
 
@@ -127,7 +160,7 @@ def region(sink: Node, producer) -> tuple[list[Node], set[str]]:
         nodes[node.output] = node
         for value in node.inputs:
             prev = producer(value)
-            if prev is not None and isinstance(prev.op, LAYOUT + ORDER):
+            if prev is not None and in_region(prev.op):
                 stack.append(prev)
             else:
                 sources.add(value)
@@ -167,13 +200,24 @@ class Canonical:
     axis: int
     groups: np.ndarray
     permutation: np.ndarray | None
+    negate: bool = False  # then the output is the negation of that
 
 
 def canonical_group_sort(terms: np.ndarray, shape: tuple[int, ...]) -> Canonical:
-    """Read the sink's terms (in the source's shape) as a GroupSort along one axis."""
+    """Read the sink's terms (in the source's shape) as a GroupSort along one axis, negated
+    when every output term is (e.g. a descending sort of -x whose negation the next layer
+    absorbed)."""
     flat = terms.reshape(-1)
     if flat.size != int(np.prod(shape)):
         raise NotGroupSort("the output does not have as many values as the source")
+    if not all(isinstance(t, Term) for t in flat):
+        raise NotGroupSort("an output value that is not an order statistic")
+    negate = _same_sign(flat)
+    if negate:  # -(r-th largest of -x_S) = (|S| - 1 - r)-th largest of x_S
+        flat = np.array([Term(t.members, len(t.members) - 1 - t.rank) for t in flat],
+                        dtype=object)
+        canon = canonical_group_sort(flat, shape)
+        return Canonical(canon.axis, canon.groups, canon.permutation, True)
     seen: dict[frozenset[int], dict[int, int]] = {}
     for j, term in enumerate(flat):
         if not isinstance(term, Term):

@@ -251,11 +251,10 @@ def _merge_dense(node: Node, work: _Work) -> bool:
 def _order_statistics(node: Node, work: _Work) -> bool:
     """Any export form of GroupSort/MaxMin ending at ``node``  ==>  one GroupSort (plus a
     permutation and a Reshape where the output layout needs them); see order_statistics."""
-    if not isinstance(node.op, OS.LAYOUT + OS.ORDER):
+    if not OS.in_region(node.op):
         return False
     users = work.uses(node.output)
-    if node.output != work.output and users and all(isinstance(u.op, OS.LAYOUT + OS.ORDER)
-                                                    for u in users):
+    if node.output != work.output and users and all(OS.in_region(u.op) for u in users):
         return False  # not the end of the region
     nodes, sources = OS.region(node, work.producer)
     if not any(isinstance(n.op, (O.Extremum, O.Reduce)) for n in nodes) and not (
@@ -291,6 +290,11 @@ def _order_statistics(node: Node, work: _Work) -> bool:
                                              value + "::order", shape,
                                              f"output order of {label}"))
         value += "::order"
+    if canon.negate:  # the region's output is the negated sort (a Neg the next layer took)
+        work.insert_at(position - 0.125, Node(O.Scale(np.full(shape, -1.0), np.zeros(shape)),
+                                              (value,), value + "::neg", shape,
+                                              f"negation of {label}"))
+        value += "::neg"
     work.replace(node, Node(O.Reshape(node.shape), (value,), node.output, node.shape,
                             node.source))
     return True

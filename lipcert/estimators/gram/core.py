@@ -35,11 +35,23 @@ def _gamma(n: int) -> float:
     return k / (1.0 - k)
 
 
+def _fro(x: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm of each matrix in a batch, as computed (no margin). On the real view
+    of a complex tensor: ``matrix_norm(..., 'fro')`` on complex128 was measured 33x slower."""
+    if x.is_complex():
+        return torch.linalg.vector_norm(torch.view_as_real(x.resolve_conj()), dim=(-3, -2, -1))
+    return torch.linalg.vector_norm(x, dim=(-2, -1))
+
+
+def _margin(x: torch.Tensor) -> float:
+    """Relative error bound of :func:`_fro` on x: a sum of at most 2 m n squares (each
+    complex entry gives two) and a square root, (2 m n + 8) u, generous."""
+    return 1.0 + (2 * x.shape[-1] * x.shape[-2] + 8) * U
+
+
 def _fro_upper(x: torch.Tensor) -> torch.Tensor:
     """Upper bound on the Frobenius norm of each matrix in a batch."""
-    n = x.shape[-1] * x.shape[-2]
-    val = torch.linalg.matrix_norm(x, ord="fro")
-    return val * (1.0 + (2 * n + 8) * U)
+    return _fro(x) * _margin(x)
 
 
 def gram_spectral_bounds(blocks: torch.Tensor, iterations: int = 10) -> torch.Tensor:
@@ -55,24 +67,25 @@ def gram_spectral_bounds(blocks: torch.Tensor, iterations: int = 10) -> torch.Te
     a = blocks.to(dtype)
     if a.shape[-2] < a.shape[-1]:
         a = a.mH  # same singular values; keep the Gram matrices small
-    r0 = torch.linalg.matrix_norm(a, ord="fro")
+    r0 = _fro(a)
     zero = r0 == 0
     r0 = torch.where(zero, torch.ones_like(r0), r0)
     b = a / r0[:, None, None]
     scales, prod_err, div_err = [], [], []
     inner = b.shape[-2]
-    d0 = U * _fro_upper(b)
+    fb = _fro_upper(b)  # ||B_k||_F, computed once per iterate (used twice)
+    d0 = U * fb
     for _ in range(iterations):
-        fb = _fro_upper(b)
         c = b.mH @ b
         prod_err.append(_gamma(inner) * fb * fb * (1 + 4 * U))
         inner = c.shape[-2]
-        r = torch.linalg.matrix_norm(c, ord="fro")
+        r = _fro(c)
         r = torch.where(r == 0, torch.ones_like(r), r)
         b = c / r[:, None, None]
         scales.append(r)
-        div_err.append(U * _fro_upper(b))
-    bound = _fro_upper(b)
+        fb = _fro_upper(b)
+        div_err.append(U * fb)
+    bound = fb
     for k in reversed(range(iterations)):
         inside = scales[k] * (bound + div_err[k]) * (1 + 4 * U) + prod_err[k]
         bound = torch.sqrt(inside * (1 + 4 * U)) * (1 + 4 * U)

@@ -55,12 +55,13 @@ def _conv_candidates(op: O.Conv, in_shape, out_shape, options) -> dict[str, floa
     cands: dict[str, float] = {}
     cheap, how = N.conv_l2_cheap(op.weight, op.stride, op.dilation, op.groups)
     cands["taps" if "tap" in how else "reshaped"] = cheap
-    cands["gram"] = conv_gram_bound(op.weight, in_shape[2:], op.stride, op.pads, op.dilation,
-                                    op.groups, it, dev)
-    if op.weight.shape[2:] == (1, 1):
+    if op.weight.shape[2:] == (1, 1):  # exact: Gram iteration could only match it
         cands["1x1"] = max(N.spectral_norm(op.weight[g * (op.weight.shape[0] // op.groups):
                                                      (g + 1) * (op.weight.shape[0] // op.groups),
                                                      :, 0, 0]) for g in range(op.groups))
+    else:
+        cands["gram"] = conv_gram_bound(op.weight, in_shape[2:], op.stride, op.pads,
+                                        op.dilation, op.groups, it, dev)
     exact = _unrolled_norm(op, in_shape, out_shape, options)
     if exact is not None:
         cands["unrolled"] = exact

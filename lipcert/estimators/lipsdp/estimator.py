@@ -18,6 +18,7 @@ arithmetic), which keeps it small when the input is wide.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,8 @@ from ...errors import MethodNotApplicable
 from ...ir import ops as O
 from ...ir.chain import DenseChain, dense_chain
 from ...ir.graph import Graph
-from ...ir.lowering import CHAIN_LINEAR_OPS
+from ...ir.lowering import CHAIN_LINEAR_OPS, UNROLLABLE
+from ...ir.residual import residual_parts
 from ...soundness import checked, poison
 from ..base import Bound, Estimator, register
 from ..common.rounding import mul_up
@@ -84,15 +86,19 @@ class LipSDPEstimator(Estimator):
                "constraints, l2 and linf) for chains; every printed bound is a float-rigorously "
                "checked certificate")
     norms = ("2", "inf")
-    handlers = {O.GroupSort: None, **{op: None for op in (*CHAIN_LINEAR_OPS, *SLOPE_RESTRICTED)}}
+    # residual graphs (Add, Concat) are read as blocks; see _residual
+    handlers = {O.GroupSort: None, **{op: None for op in (*CHAIN_LINEAR_OPS, *SLOPE_RESTRICTED)},
+                **{op: None for op in UNROLLABLE if op not in O.ELEMENTWISE_ACTIVATIONS}}
 
     def compute(self, graph: Graph, norm: str, **options: Any) -> Bound:
-        chain = dense_chain(graph, self.name, (*SLOPE_RESTRICTED, O.GroupSort),
-                            options.get("max_entries"))
         form = options["form"]  # validated against LipSDPSettings' choices
         if form == "eclipse-fast" and norm != "2":
             raise MethodNotApplicable("lipsdp form eclipse-fast is l2 only; use -o form=neuron "
                                       "for linf")
+        if not graph.is_chain():
+            return self._residual(graph, norm, form, options)
+        chain = dense_chain(graph, self.name, (*SLOPE_RESTRICTED, O.GroupSort),
+                            options.get("max_entries"))
         slopes = slopes_of(chain)
         if not chain.activations:  # affine: exact
             return Bound(method=self.name, norm=norm, upper=affine_norm(chain.weights[0], norm),
@@ -137,6 +143,86 @@ class LipSDPEstimator(Estimator):
             details.update({key: v for key, v in details["subchains"][0].items()})
         return Bound(method=self.name, norm=norm, upper=total,
                      notes=_notes(form, norm, len(parts), split, details), details=details)
+
+
+    def _residual(self, graph: Graph, norm: str, form: str, options: dict[str, Any]) -> Bound:
+        """A residual graph: one LMI per part (a residual block y = S x + A sigma(B x + b)
+        with the skip in its output map, or a chain between blocks), the bounds
+        multiplied (lipcert.ir.residual)."""
+        parts = residual_parts(graph, self.name, int(options.get("max_entries", 30_000_000)))
+        items = []
+        for part in parts:
+            chain = DenseChain(part.weights(), [], part.activations)
+            items.append((chain.weights, slopes_of(chain), part))
+        hidden = [sum(w.shape[0] for w in ws[:-1]) for ws, _, _ in items]
+        _check_size([(ws, sl) for ws, sl, _ in items],
+                    int(options.get("max_neurons", MAX_NEURONS if form != "eclipse-fast"
+                                    else 8 * MAX_NEURONS)))
+        time_limit = float(options.get("time_limit", 60.0))
+        progress = options.get("progress")
+        details: dict[str, Any] = {"form": form, "solver": options["solver"], "norm": norm,
+                                   "residual_parts": []}
+        total = 1.0
+        budget = [time_limit * h / max(1, sum(hidden)) for h in hidden]
+        for k, (weights, slopes, part) in enumerate(items):
+            if progress:
+                progress(f"residual part {k + 1} of {len(items)}")
+            key = _part_key(weights, slopes, form, options["solver"], norm)
+            if key in _PART_CACHE:  # e.g. certify's pairs share every part but the last
+                value, info = _PART_CACHE[key]
+                info = {**info, "cached": True}
+            elif not slopes:
+                value, info = affine_norm(weights[0], norm), {"certificate": "exact "
+                                                                             "operator norm"}
+            else:
+                value, info = bound_subchain(weights, slopes, form, options["solver"],
+                                             max(1.0, budget[k]), norm, progress)
+                if value is not None:
+                    _PART_CACHE[key] = (value, info)
+                    while len(_PART_CACHE) > 64:
+                        _PART_CACHE.pop(next(iter(_PART_CACHE)))
+            info = {"nodes": f"{part.sources[0]} .. {part.sources[-1]}" if part.sources
+                    else "", "skip": part.skip, "bound": value, **info}
+            details["residual_parts"].append(info)
+            if value is None:
+                return Bound(method=self.name, norm=norm, upper=None, details=details,
+                             notes=[f"no certificate for residual part {k + 1} of "
+                                    f"{len(items)} ({info['nodes']}): {info['certificate']}; "
+                                    "no bound printed"])
+            value = checked(poison("lipsdp.rho", value),
+                            f"lipsdp's certified value for residual part {k + 1}")
+            if not part.skip and slopes:
+                product = layer_norm_product(weights, slopes, norm)
+                if product < value:
+                    info["certificate"] += "; the product of the layer norms is smaller"
+                    value = product
+                    info["bound"] = value
+            total = mul_up(total, value)
+        skips = sum(p.skip for _, _, p in items)
+        notes = [f"residual graph read as {len(items)} parts whose bounds multiply, "
+                 f"{skips} of them residual blocks with the skip in the LMI's output map "
+                 "(y = S x + A sigma(B x + b): C = [S, A])",
+                 "every part's value from a checked certificate"]
+        return Bound(method=self.name, norm=norm, upper=total, notes=notes, details=details)
+
+
+#: certified values of residual parts, by their exact weights and settings (a certified
+#: value stays valid whatever time budget found it)
+_PART_CACHE: dict[str, tuple[float, dict[str, Any]]] = {}
+
+
+def _part_key(weights: list[np.ndarray], slopes: list, form: str, solver: str,
+              norm: str) -> str:
+    digest = hashlib.sha256()
+    for w in weights:
+        digest.update(repr(w.shape).encode())
+        digest.update(np.ascontiguousarray(w, dtype=np.float64).tobytes())
+    for qc in slopes:
+        digest.update(repr(np.shape(qc.groups)).encode() + np.asarray(qc.groups).tobytes()
+                      if isinstance(qc, GroupQC)
+                       else repr(tuple(qc)).encode())
+    digest.update(f"{form}|{solver}|{norm}".encode())
+    return digest.hexdigest()
 
 
 def layer_norm_product(weights: list[np.ndarray], slopes: list, norm: str) -> float:

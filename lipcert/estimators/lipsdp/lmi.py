@@ -38,6 +38,19 @@ def lmi_size(weights: list[np.ndarray]) -> int:
     return weights[0].shape[1] + sum(w.shape[0] for w in weights[:-1])
 
 
+def has_output_connections(weights: list[np.ndarray]) -> bool:
+    """True when the last matrix reads every block of the LMI, [C_0, C_1, ..., C_K]
+    (a residual block y = S x + A sigma(B x): C = [S, A]; lipcert.ir.residual) rather than
+    only the last hidden layer. :func:`assemble` then adds C^T C over the whole matrix,
+    which is the LMI with the skip in its output map."""
+    if len(weights) < 2 or weights[-1].shape[1] == weights[-2].shape[0]:
+        return False
+    if weights[-1].shape[1] != lmi_size(weights):
+        raise ValueError(f"the output map has {weights[-1].shape[1]} columns; expected the "
+                         f"last layer's {weights[-2].shape[0]} or all {lmi_size(weights)}")
+    return True
+
+
 def n_multipliers(weights, qcs) -> list[int]:
     """Entries of the multiplier vector per hidden layer: one per neuron for a slope
     restriction, (lambda_j, gamma_j) per group for GroupSort."""
@@ -149,14 +162,30 @@ def feasible_start(weights, slopes) -> np.ndarray:
         nw = np.linalg.norm(weights[k + 1], 2) ** 2
         t[k] = 4.0 * ((alpha + beta) ** 2 / 4.0 + abs(alpha * beta) + 1.0) * nw * t[k + 1] \
             + 1e-12
-    parts = []
-    for tk, w, qc in zip(t, weights[:-1], slopes, strict=True):
-        if isinstance(qc, GroupQC):
-            n = qc.groups.shape[0]
-            parts.append(np.r_[np.full(n, 2.0 * tk), np.zeros(n)])
-        else:
-            parts.append(np.full(w.shape[0], tk))
-    return np.concatenate(parts)
+    def stacked(scale: float) -> np.ndarray:
+        parts = []
+        for tk, w, qc in zip(t, weights[:-1], slopes, strict=True):
+            if isinstance(qc, GroupQC):
+                n = qc.groups.shape[0]
+                parts.append(np.r_[np.full(n, 2.0 * scale * tk), np.zeros(n)])
+            else:
+                parts.append(np.full(w.shape[0], scale * tk))
+        return np.concatenate(parts)
+
+    if not has_output_connections(weights):
+        return stacked(1.0)
+    # output connections add C_h^T C_h across the hidden blocks, outside the dominance
+    # argument: the multipliers' part of the hidden block is negative definite and grows
+    # linearly with them, so doubling them makes the whole block negative definite
+    n0 = weights[0].shape[1]
+    scale = 1.0
+    for _ in range(60):
+        lam = stacked(scale)
+        hidden = assemble(weights, slopes, lam)[n0:, n0:]
+        if np.linalg.eigvalsh((hidden + hidden.T) / 2)[-1] < 0:
+            return lam
+        scale *= 2.0
+    return stacked(scale)
 
 
 def rescale(weights: list[np.ndarray]) -> tuple[list[np.ndarray], float]:
@@ -191,6 +220,8 @@ def lmi_components(weights, slopes) -> list[tuple[int, int]]:
     of a slope restriction; GroupSort constraints have no cross term, so M splits there and
     the LMI becomes a chain of small ones (Pauli et al., ICLR 2024, Sec. 5)."""
     n0, _, blocks = _structure(weights)
+    if has_output_connections(weights):  # C^T C couples every block with every other
+        return [(0, lmi_size(weights))]
     bounds = [(0, n0)] + [(n0 + row, n0 + row + w.shape[0]) for row, _, w in blocks]
     comps: list[list[int]] = [[0]]
     for k, qc in enumerate(slopes):

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .certificate import certify_and_repair
-from .lmi import _compress, lmi_components, rescale
+from .lmi import _compress, has_output_connections, lmi_components, rescale
 from .proposers import (
     SCS_AUTO_SECONDS,
     _eclipse_certificate,
@@ -46,11 +46,14 @@ def bound_subchain(weights: list[np.ndarray], slopes: list, form: str, solver: s
             "hidden_neurons": 0, "build_s": 0.0, "solve_s": 0.0,
             "check_s": time.perf_counter() - t0, "proposers": ["exact"],
             "solver_status": {}, "certificate": "exact operator norm (affine)"}
-    scaled, factor = rescale(weights)
+    skip = has_output_connections(weights)
+    # rescaling and compressing the input act on a chain's layers one by one; an output map
+    # that also reads the input (a skip) would not follow them
+    scaled, factor = (weights, 1.0) if skip else rescale(weights)
     n_hidden = sum(w.shape[0] for w in weights[:-1])
     t1 = time.perf_counter()
     if norm == "2":
-        rows = [(_compress(scaled), scaled)]
+        rows = [(scaled if skip else _compress(scaled), scaled)]
     else:
         rows = [(r, r) for r in ([*scaled[:-1], scaled[-1][j:j + 1]]
                                  for j in range(scaled[-1].shape[0]))]
