@@ -164,3 +164,27 @@ def test_global_pair_bounds_scale_one_bound(tmp_path):
                                    str(data), "--eps", "0.05", "-m", "local", "-n", "inf",
                                    "--pair-bounds", "global"])
     assert run.exit_code == 2 and "global methods" in run.output
+
+
+def test_conv_residual_blocks_are_unrolled_and_sound(tmp_path):
+    class ConvBlock(torch.nn.Module):  # relu(x + conv(relu(conv(x)))), then a 1x1 projection
+        def __init__(self):
+            super().__init__()
+            self.c1 = torch.nn.Conv2d(2, 3, 3, padding=1)
+            self.c2 = torch.nn.Conv2d(3, 2, 3, padding=1)
+            self.proj = torch.nn.Conv2d(2, 3, 1, stride=2)
+            self.head = torch.nn.Linear(3 * 3 * 3, 4)
+
+        def forward(self, x):
+            x = torch.relu(x + self.c2(torch.relu(self.c1(x))))
+            y = self.proj(x) + torch.nn.functional.avg_pool2d(self.c1(x), 2)
+            return self.head(torch.relu(y).flatten(1))
+
+    torch.manual_seed(0)
+    graph = lipcert.load(export(ConvBlock().eval(), torch.randn(1, 2, 6, 6),
+                                tmp_path / "conv.onnx"))
+    result = lipcert.bound(graph, "lipsdp", "2")
+    assert result.upper is not None, result.notes
+    assert any(p["skip"] for p in result.details["residual_parts"])
+    assert sampled_gradient_lower(graph, "2", samples=128) * (1 - 1e-9) <= result.upper
+    assert result.upper <= lipcert.bound(graph, "naive", "2").upper * (1 + 1e-9)

@@ -78,7 +78,7 @@ def _certify_fixed(weights, slopes, lam, tau=None) -> tuple[float | None, str]:
     scale = max(1.0, float(np.max(np.abs(np.diag(p)))))
     rho = max(rho, 0.0)
     abs_p = assemble(weights, slopes, lam, absolute=True)
-    inner = max(w.shape[1] for w in weights) + 4
+    inner = max(max(w.shape) for w in weights) + 4  # longest dot product forming P
     formation = 4.0 * inner * U * float(np.linalg.norm(abs_p, "fro"))
     w_max = float(np.max(in_w))
     for bump in (1e-9, 1e-7, 1e-5, 1e-3):
