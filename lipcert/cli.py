@@ -225,7 +225,7 @@ def bound(model: str, method: str, norm: str, json_out: str | None, no_verify: b
 @click.option("--eps", type=float, help="radius to certify (in the norm of --norm)")
 @click.option("--norm", "-n", type=NORM, help="2 or inf  [default: 2]")
 @click.option("--method", "-m", help="bounding method: naive, gram, lipsdp (global) or local "
-                                     "(each sample's box, --norm inf)  [default: naive]")
+                                     "(each sample's box)  [default: naive]")
 @click.option("--min-certified-accuracy", "gate", type=float,
               help="CI gate: exit 1 if certified accuracy at eps is below this fraction")
 @click.option("--report-eps", help="comma-separated radii for the summary (default: eps x "
@@ -352,7 +352,7 @@ def _report_eps(given: str | None, configured: list | None, eps: float) -> list[
 @cli.command(short_help="All methods side by side with a lower bound.")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--methods", default=None,
-              help="comma-separated methods  [default: naive,gram,lipsdp for --norm 2; "
+              help="comma-separated methods  [default: naive,gram,lipsdp,local for --norm 2; "
                    "naive,lipsdp,local,exact for --norm inf]")
 @click.option("--norm", "-n", type=NORM, help="2 or inf  [default: 2]")
 @click.option("--input", "input_path", help="point x0 (.npy, or .npz with --index) for a local "
@@ -397,7 +397,7 @@ def compare(model, methods, norm, input_path, index, eps, domain, timeout, json_
         names = methods.split(",")
     elif "methods" in section:
         names = list(section["methods"])
-    else:  # the defaults that apply to this norm (local and exact are linf only)
+    else:  # the defaults that apply to this norm (CMP.default_methods)
         names = CMP.default_methods(norm)
     names = [m.strip() for m in names if m.strip()]
     if not names:

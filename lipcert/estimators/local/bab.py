@@ -65,13 +65,14 @@ class LocalProblem:
     """One AffineDag on one box, bounding ||grad c_q^T f||_1 for each row c_q of C."""
 
     def __init__(self, dag: AffineDag, xl: np.ndarray, xu: np.ndarray, c: np.ndarray,
-                 cap: torch.Tensor | None = None):
+                 cap: torch.Tensor | None = None, norm: str = "inf"):
         self.dag = dag
         self.xl = torch.as_tensor(xl, dtype=torch.float64).reshape(1, -1)
         self.xu = torch.as_tensor(xu, dtype=torch.float64).reshape(1, -1)
         self.c = torch.as_tensor(c, dtype=torch.float64).reshape(-1, dag.out.bias.numel())
         # a bound per query valid on every box (gradient_cap), or none
         self.cap = cap
+        self.norm = norm  # "inf": ||grad||_1 is bounded; "2": ||grad||_2
         self.piecewise_linear = all(isinstance(op, (O.Relu, O.LeakyRelu)) for op in dag.acts)
 
     def evaluate(self, queries: list[int], splits: list[torch.Tensor] | None,
@@ -80,7 +81,7 @@ class LocalProblem:
         d = len(queries)
         fwd = forward_bounds(self.dag, self.xl.expand(d, -1), self.xu.expand(d, -1),
                              splits, prior)
-        jac = jacobian_bound(self.dag, fwd, self.c[queries], scores=True)
+        jac = jacobian_bound(self.dag, fwd, self.c[queries], scores=True, norm=self.norm)
         branches: list[tuple[int, int] | None] = [None] * d
         if jac.scores:
             flat = torch.cat(jac.scores, dim=1)

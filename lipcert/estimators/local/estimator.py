@@ -1,16 +1,20 @@
-"""The ``local`` estimator: local linf Lipschitz bounds on a box by Clarke-Jacobian bound
-propagation with branch-and-bound (Shi, Wang, Zhang, Kolter, Hsieh, NeurIPS 2022).
+"""The ``local`` estimator: local linf or l2 Lipschitz bounds on a box by Clarke-Jacobian
+bound propagation with branch-and-bound (Shi, Wang, Zhang, Kolter, Hsieh, NeurIPS 2022).
 
 The box is x0 +- eps in linf (``--input``/``--eps``), optionally clipped to a data range
-(``domain``); without a point it is the domain itself (default [-1, 1]^n). The value bounds
+(``domain``); without a point it is the domain itself (default [-1, 1]^n). In linf the value
+bounds
     max_j max_{x in box} max_{G in dC f_j(x)} ||G||_1,
 the linf -> linf Lipschitz constant of f on the box, and certifies |f_j(x) - f_j(x')| <=
-L ||x - x'||_inf for x, x' in the box. :func:`local_bound` also bounds any functional c^T f
-(a logit difference for certification).
+L ||x - x'||_inf for x, x' in the box. In l2 each row's ||G||_2 is bounded instead and the
+Jacobian's operator norm by the l2 norm of the rows' bounds (||J||_2 <= ||J||_F), capped by
+the layer-norm product; the box holds the l2 ball of radius eps. :func:`local_bound` also
+bounds any functional c^T f (a logit difference for certification).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,36 +30,41 @@ from ..base import Bound, Estimator, register
 from ..common.region import box_from_options, nudged
 from ..settings import setting
 from .bab import BabResult, LocalProblem, branch_and_bound
-from .jacobian import gradient_cap
+from .jacobian import gradient_cap, jacobian_norm_cap
 
 DEFAULT_BAB_TIME = 10.0
 
 
-def gradient_norms(dag: AffineDag, x: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """||grad c_q^T f(x)||_1 for each row c_q (autograd on the unrolled network)."""
+def gradient_norms(dag: AffineDag, x: np.ndarray, c: np.ndarray,
+                   norm: str = "inf") -> np.ndarray:
+    """||grad c_q^T f(x)||_1 (``norm`` "inf") or _2 for each row c_q (autograd on the
+    unrolled network)."""
     xt = torch.as_tensor(x, dtype=torch.float64).reshape(1, -1).requires_grad_(True)
     _, out = dag.forward(xt)
     ct = torch.as_tensor(c, dtype=torch.float64)
     norms = []
     for row in ct:
         (grad,) = torch.autograd.grad((out[0] * row).sum(), xt, retain_graph=True)
-        norms.append(float(grad.abs().sum()))
+        norms.append(float(grad.abs().sum() if norm == "inf" else grad.norm()))
     return np.array(norms)
 
 
 def local_bound(dag: AffineDag, low: np.ndarray, high: np.ndarray, c: np.ndarray, *,
                 bab_time: float = DEFAULT_BAB_TIME, max_domains: int = 200_000,
                 batch: int = 32, progress: Callable[[dict], None] | None = None,
-                max_entries: int = MAX_ENTRIES) -> BabResult:
-    """Bound max over the box [low, high] of ||grad c_q^T f||_1 for every row c_q of c.
+                max_entries: int = MAX_ENTRIES, norm: str = "inf") -> BabResult:
+    """Bound max over the box [low, high] of ||grad c_q^T f||_1 (``norm`` "inf": the
+    linf Lipschitz constant of c_q^T f) or ||grad c_q^T f||_2 (``norm`` "2") for every
+    row c_q of c.
 
     GroupSort layers of ``dag`` are bounded through their sorting networks of ReLUs, and
     every bound is capped by :func:`gradient_cap` of ``dag`` itself (where GroupSort keeps
     its gain of 1). ``bab_time`` = 0 gives the root bound (bound propagation without
     branching)."""
     c = np.atleast_2d(c)
-    cap = gradient_cap(dag, torch.as_tensor(c, dtype=torch.float64))
-    problem = LocalProblem(cached_expansion(dag, "local", max_entries), low, high, c, cap)
+    cap = gradient_cap(dag, torch.as_tensor(c, dtype=torch.float64), norm)
+    problem = LocalProblem(cached_expansion(dag, "local", max_entries), low, high, c, cap,
+                           norm)
     return branch_and_bound(problem, time_budget=bab_time, max_domains=max_domains,
                             batch=batch, progress=progress)
 
@@ -87,9 +96,9 @@ class LocalEstimator(Estimator):
     settings = LocalSettings
     deadline = ("bab_time", 0.5)
     certify_defaults = {"bab_time": 0.0}  # certify: bound propagation per sample
-    summary = ("local linf bound on a box (x0 +- eps): Clarke-Jacobian bound propagation "
-               "with branch-and-bound (Shi et al., NeurIPS 2022)")
-    norms = ("inf",)
+    summary = ("local linf or l2 bound on a box (x0 +- eps): Clarke-Jacobian bound "
+               "propagation with branch-and-bound (Shi et al., NeurIPS 2022)")
+    norms = ("inf", "2")
     scope = "box"
     # GroupSort/MaxMin: written exactly as ReLU compare-exchanges (a sorting network)
     handlers = {op: None for op in (*UNROLLABLE, O.GroupSort)}
@@ -106,30 +115,39 @@ class LocalEstimator(Estimator):
                              max_domains=int(options.get("max_domains", 200_000)),
                              batch=int(options.get("batch", 32)),
                              progress=_progress_text(options.get("progress")),
-                             max_entries=max_entries)
-        root = result.root
+                             max_entries=max_entries, norm=norm)
+        root, upper, exact = result.root, result.upper, result.exact
         lower = result.lower
         center = ((low + high) / 2 if options.get("center") is None else
                   np.clip(np.asarray(options["center"], dtype=np.float64).reshape(-1), low, high))
         # the gradient near the centre is attained (moved off kinks, where autograd's
         # one-sided derivatives need not be)
         witness = nudged(center, low, high, np.random.default_rng(0))
-        lower = max(lower, float(np.nan_to_num(gradient_norms(dag, witness, c), nan=0.0,
-                                               posinf=0.0).max()))
+        lower = max(lower, float(np.nan_to_num(gradient_norms(dag, witness, c, norm),
+                                               nan=0.0, posinf=0.0).max()))
         notes = [f"local constant on the box {region['describe']}: valid only inside it"]
-        if result.exact:
+        if norm == "2" and options.get("queries") is None and n_out > 1:
+            # the Jacobian's operator norm from its rows: ||J||_2 <= ||J||_F
+            rows = result.per_query  # a sum of squares and a root: (n + 4) ulps, generous
+            frobenius = math.sqrt(sum(v * v for v in rows)) * (1 + (len(rows) + 4) * 2.0**-52)
+            upper = min(frobenius, jacobian_norm_cap(dag))
+            exact = False  # the rows' constants are exact at best, not the operator norm
+            notes.append("l2: the Jacobian's operator norm is bounded by the l2 norm of its "
+                         "rows' bounds (Frobenius), capped by the layer-norm product; the box "
+                         "is the linf box, which holds the l2 ball of radius eps")
+        if exact:
             notes.append("branch-and-bound closed the gap: the bound is the exact local "
                          "constant (up to the LP tolerance of the leaf checks)")
         elif bab_time > 0:
             notes.append(f"branch-and-bound stopped ({result.stopped}) after "
                          f"{result.domains} domains in {result.elapsed:.1f} s; root bound "
                          f"{root:.6g}")
-        return Bound(method=self.name, norm=norm, upper=result.upper,
+        return Bound(method=self.name, norm=norm, upper=upper,
                      lower=lower if lower > 0 else None, scope="box", region=region,
                      notes=notes, per_query=list(result.per_query),
                      details={"root_bound": root, "per_output": result.per_query,
                               "domains": result.domains, "leaves_checked": result.leaves_checked,
-                              "leaves_pruned": result.leaves_pruned, "exact": result.exact,
+                              "leaves_pruned": result.leaves_pruned, "exact": exact,
                               "stopped": result.stopped, "bab_seconds": result.elapsed,
                               "unstable_at_root": result.unstable_at_root,
                               "lower_attained": lower if lower > 0 else None})

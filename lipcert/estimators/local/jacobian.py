@@ -22,6 +22,7 @@ All tensors carry a leading batch dimension D (domains of branch-and-bound, or q
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -230,8 +231,12 @@ class _Adjoint:
 
 
 def jacobian_bound(dag: AffineDag, fwd: ForwardBounds, c: torch.Tensor,
-                   scores: bool = False) -> JacobianBound:
-    """Upper bound on max_{x in box} ||grad_x c^T f(x)||_1 for each row of c (D, n_out)."""
+                   scores: bool = False, norm: str = "inf") -> JacobianBound:
+    """Upper bound on max_{x in box} ||grad_x c^T f(x)||_q for each row of c (D, n_out):
+    q = 1 (linf inputs, ``norm`` "inf") or q = 2 (``norm`` "2"). l2 takes the smaller of
+    the l1 bound (||g||_2 <= ||g||_1) and the largest l2 norm over the box of gradient
+    bounds [gl, gu], sqrt(sum_i max(gl_i^2, gu_i^2)) (a convex function is largest at a
+    vertex)."""
     adj = _Adjoint(dag, fwd, c)
     for m in range(dag.n_acts, 0, -1):
         tl, tu = adj.bounds(m)
@@ -248,6 +253,10 @@ def jacobian_bound(dag: AffineDag, fwd: ForwardBounds, c: torch.Tensor,
     icpt = icpt + SLACK * (1 + slope.abs()) * torch.maximum(abs_l, abs_u)
     linear, kept = adj.upper(0, slope[:, None, :], keep=True)
     upper = torch.minimum(linear[:, 0] + icpt.sum(-1), torch.maximum(abs_l, abs_u).sum(-1))
+    if norm == "2":
+        peak = torch.maximum(abs_l, abs_u)
+        l2 = torch.sqrt((peak * peak).sum(-1)) * (1 + 4 * SLACK)
+        upper = torch.minimum(upper, l2)
     upper = checked_array(upper * (1 + SLACK * dag.n_acts * 4), "the local Lipschitz bound",
                           nonnegative=True)
     result = JacobianBound(upper, gl, gu)
@@ -265,19 +274,22 @@ def jacobian_bound(dag: AffineDag, fwd: ForwardBounds, c: torch.Tensor,
 
 
 
-def gradient_cap(dag: AffineDag, c: torch.Tensor) -> torch.Tensor:
-    """A bound on ||grad c^T f||_1 that holds on every box (Q,), from the adjoint recursion
-    t_j = M_out,j^T c + sum_{k>j} M_kj^T y_k, y_k = D_k t_k, in two forms at once:
+def gradient_cap(dag: AffineDag, c: torch.Tensor, norm: str = "inf") -> torch.Tensor:
+    """A bound on ||grad c^T f||_q (q = 1 for ``norm`` "inf", 2 for "2") that holds on every
+    box (Q,), from the adjoint recursion t_j = M_out,j^T c + sum_{k>j} M_kj^T y_k,
+    y_k = D_k t_k, in two forms at once:
 
     * elementwise, |t_j| <= |M_out,j^T c| + sum_k |M_kj|^T |y_k|, with |y_k| <= s_k |t_k|
       for an elementwise activation of largest slope s_k, and for GroupSort |y_k| at most
       the largest |t_k| of its group (D_k is a convex combination of permutations);
-    * in l1 mass, ||t_j||_1 <= ||M_out,j^T c||_1 + sum_k ||M_kj||_inf ||y_k||_1, with
-      ||y_k||_1 <= s_k ||t_k||_1 (GroupSort: s = 1, it preserves l1 mass),
+    * in mass, ||t_j|| <= ||M_out,j^T c|| + sum_k ||M_kj^T|| ||y_k||, with
+      ||y_k|| <= s_k ||t_k|| (GroupSort: s = 1; a doubly stochastic matrix has norm 1 in
+      l1 and l2); the operator norm is the max row sum of |M| for l1, the spectral norm
+      (rounded up) for l2,
 
-    each base taking the smaller of ||t_j||_1 and the sum of its elementwise bound. Taken on
-    the DAG before GroupSort is rewritten as ReLUs, where it keeps GroupSort's gain of 1, so
-    ``local`` never reports more than the naive product of layer norms."""
+    each base taking the smaller of its mass and the q-norm of its elementwise bound. Taken
+    on the DAG before GroupSort is rewritten as ReLUs, where it keeps GroupSort's gain of 1,
+    so ``local`` never reports more than the naive product of layer norms."""
     k_max = dag.n_acts
     users: list[list[int]] = [[] for _ in range(k_max + 1)]
     for m in range(1, k_max + 1):
@@ -285,18 +297,22 @@ def gradient_cap(dag: AffineDag, c: torch.Tensor) -> torch.Tensor:
             users[j].append(m)
     y: dict[int, torch.Tensor] = {}
     y_mass: dict[int, torch.Tensor] = {}
+
+    def q_norm(v: torch.Tensor) -> torch.Tensor:
+        return v.sum(-1) if norm == "inf" else torch.sqrt((v * v).sum(-1)) * (1 + 4 * SLACK)
+
     for k in range(k_max, -1, -1):
         if k in dag.out.maps:
             t = (c @ dag.out.maps[k]).abs()
-            mass = t.sum(-1)
+            mass = q_norm(t)
         else:
             t = torch.zeros(c.shape[0], dag.sizes[k], dtype=c.dtype)
             mass = torch.zeros(c.shape[0], dtype=c.dtype)
         for m in users[k]:
-            a = dag.pre[m - 1].maps[k].abs()
-            t = t + y[m] @ a
-            mass = mass + y_mass[m] * a.sum(1).max()
-        mass = torch.minimum(mass, t.sum(-1))
+            a = dag.pre[m - 1].maps[k]
+            t = t + y[m] @ a.abs()
+            mass = mass + y_mass[m] * _operator_norm(a, norm)
+        mass = torch.minimum(mass, q_norm(t))
         if k == 0:
             return checked_array(mass * (1 + SLACK * (k_max + 1) * 4),
                                  "the local gradient cap", nonnegative=True)
@@ -312,3 +328,46 @@ def gradient_cap(dag: AffineDag, c: torch.Tensor) -> torch.Tensor:
             y[k] = t * max(abs(lo), abs(hi))
             y_mass[k] = mass * max(abs(lo), abs(hi))
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def jacobian_norm_cap(dag: AffineDag) -> float:
+    """A box-free bound on the l2 operator norm of the Jacobian of f: the mass form of
+    :func:`gradient_cap` with ||M_out,j|| in place of ||M_out,j^T c|| (the naive product of
+    layer norms along the DAG, on its merged matrices)."""
+    k_max = dag.n_acts
+    users: list[list[int]] = [[] for _ in range(k_max + 1)]
+    for m in range(1, k_max + 1):
+        for j in dag.pre[m - 1].maps:
+            users[j].append(m)
+    y_mass: dict[int, float] = {}
+    for k in range(k_max, -1, -1):
+        mass = _operator_norm(dag.out.maps[k], "2") if k in dag.out.maps else 0.0
+        for m in users[k]:
+            mass += y_mass[m] * _operator_norm(dag.pre[m - 1].maps[k], "2")
+        if k == 0:
+            return mass * (1 + SLACK * (k_max + 1) * 4)
+        op = dag.acts[k - 1]
+        lo, hi = (-1.0, 1.0) if isinstance(op, O.GroupSort) else O.slope_range(op)
+        y_mass[k] = mass * max(abs(lo), abs(hi))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _operator_norm(m: torch.Tensor, norm: str) -> float:
+    """||M^T||: q -> q for the gradient's norm q (l1: max row sum of |M|; l2: spectral)."""
+    if norm == "inf":
+        return float(m.abs().sum(1).max()) * (1 + m.shape[1] * 2.0**-52)
+    known = _SPECTRAL.get(id(m))
+    if known is not None and known[0]() is m:
+        return known[1]
+    from ..common.norms import spectral_norm
+
+    value = spectral_norm(m.numpy())
+    _SPECTRAL[id(m)] = (weakref.ref(m), value)
+    if len(_SPECTRAL) > 4096:  # forget entries whose matrices are gone
+        for key in [k for k, (ref, _) in _SPECTRAL.items() if ref() is None]:
+            del _SPECTRAL[key]
+    return value
+
+
+#: spectral norms of the unrolled matrices (certification bounds the same DAG per sample)
+_SPECTRAL: dict[int, tuple[weakref.ref, float]] = {}
