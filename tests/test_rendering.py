@@ -70,8 +70,10 @@ def test_methods_and_inspect_at_80_columns():
 
 def test_compare_at_80_columns_states_each_lower_bound(wide_relu, tmp_path):
     out, png = tmp_path / "c.json", tmp_path / "c.png"
+    cfg = tmp_path / "c.toml"  # a short branch-and-bound; every method well inside its time
+    cfg.write_text("[methods.local]\nbab_time = 1.0\n")
     result = run("compare", wide_relu, "--methods", "naive,local,exact", "--norm", "inf",
-                 "--json", out, "--plot", png, "--timeout", "6")
+                 "--json", out, "--plot", png, "--timeout", "30", "--config", cfg)
     assert result.exit_code == 0, result.output
     payload = json.loads(out.read_text())
     rows = {r["method"]: r for r in payload["results"]}
