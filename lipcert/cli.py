@@ -352,7 +352,7 @@ def _report_eps(given: str | None, configured: list | None, eps: float) -> list[
 @cli.command(short_help="All methods side by side with a lower bound.")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--methods", default=None,
-              help="comma-separated methods  [default: naive,gram,lipsdp,local for --norm 2; "
+              help="comma-separated methods  [default: naive,gram,lipsdp for --norm 2; "
                    "naive,lipsdp,local,exact for --norm inf]")
 @click.option("--norm", "-n", type=NORM, help="2 or inf  [default: 2]")
 @click.option("--input", "input_path", help="point x0 (.npy, or .npz with --index) for a local "
