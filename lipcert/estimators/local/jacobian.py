@@ -354,6 +354,8 @@ def jacobian_norm_cap(dag: AffineDag) -> float:
 
 def _operator_norm(m: torch.Tensor, norm: str) -> float:
     """||M^T||: q -> q for the gradient's norm q (l1: max row sum of |M|; l2: spectral)."""
+    if m.numel() == 0:
+        return 0.0
     if norm == "inf":
         return float(m.abs().sum(1).max()) * (1 + m.shape[1] * 2.0**-52)
     known = _SPECTRAL.get(id(m))
