@@ -27,8 +27,9 @@ def exact_bound(result) -> float:
     return result.details["exact_arithmetic_bound"]
 
 
-def box_gradient_lower(graph, center, eps, samples=200, seed=0) -> float:
-    """max_j ||grad f_j(x)||_1 at random points and vertices of the box (autograd)."""
+def box_gradient_lower(graph, center, eps, samples=200, seed=0, norm="inf") -> float:
+    """max_j ||grad f_j(x)||_1 (``norm`` "2": the Jacobian's operator norm) at random points
+    and vertices of the box (autograd)."""
     gen = np.random.default_rng(seed)
     best = 0.0
     for k in range(samples):
@@ -36,7 +37,8 @@ def box_gradient_lower(graph, center, eps, samples=200, seed=0) -> float:
         x = torch.as_tensor(center + eps * u, dtype=torch.float64).reshape(graph.input_shape)
         jac = torch.autograd.functional.jacobian(
             lambda v: evaluate.run(graph, v).reshape(-1), x).reshape(-1, center.size)
-        best = max(best, float(jac.abs().sum(1).max()))
+        value = jac.abs().sum(1).max() if norm == "inf" else torch.linalg.matrix_norm(jac, 2)
+        best = max(best, float(value))
     return best
 
 

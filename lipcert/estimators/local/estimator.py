@@ -130,7 +130,8 @@ class LocalEstimator(Estimator):
             # the Jacobian's operator norm from its rows: ||J||_2 <= ||J||_F
             rows = result.per_query  # a sum of squares and a root: (n + 4) ulps, generous
             frobenius = math.sqrt(sum(v * v for v in rows)) * (1 + (len(rows) + 4) * 2.0**-52)
-            upper = min(frobenius, jacobian_norm_cap(dag))
+            cap = jacobian_norm_cap(dag)
+            upper = min(frobenius, cap) if math.isfinite(cap) else frobenius  # NaN: no cap
             exact = False  # the rows' constants are exact at best, not the operator norm
             notes.append("l2: the Jacobian's operator norm is bounded by the l2 norm of its "
                          "rows' bounds (Frobenius), capped by the layer-norm product; the box "

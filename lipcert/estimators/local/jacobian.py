@@ -291,10 +291,7 @@ def gradient_cap(dag: AffineDag, c: torch.Tensor, norm: str = "inf") -> torch.Te
     on the DAG before GroupSort is rewritten as ReLUs, where it keeps GroupSort's gain of 1,
     so ``local`` never reports more than the naive product of layer norms."""
     k_max = dag.n_acts
-    users: list[list[int]] = [[] for _ in range(k_max + 1)]
-    for m in range(1, k_max + 1):
-        for j in dag.pre[m - 1].maps:
-            users[j].append(m)
+    users = _users(dag)
     y: dict[int, torch.Tensor] = {}
     y_mass: dict[int, torch.Tensor] = {}
 
@@ -335,10 +332,7 @@ def jacobian_norm_cap(dag: AffineDag) -> float:
     :func:`gradient_cap` with ||M_out,j|| in place of ||M_out,j^T c|| (the naive product of
     layer norms along the DAG, on its merged matrices)."""
     k_max = dag.n_acts
-    users: list[list[int]] = [[] for _ in range(k_max + 1)]
-    for m in range(1, k_max + 1):
-        for j in dag.pre[m - 1].maps:
-            users[j].append(m)
+    users = _users(dag)
     y_mass: dict[int, float] = {}
     for k in range(k_max, -1, -1):
         mass = _operator_norm(dag.out.maps[k], "2") if k in dag.out.maps else 0.0
@@ -350,6 +344,15 @@ def jacobian_norm_cap(dag: AffineDag) -> float:
         lo, hi = (-1.0, 1.0) if isinstance(op, O.GroupSort) else O.slope_range(op)
         y_mass[k] = mass * max(abs(lo), abs(hi))
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _users(dag: AffineDag) -> list[list[int]]:
+    """For each base j, the activations whose pre-activation reads it."""
+    users: list[list[int]] = [[] for _ in range(dag.n_acts + 1)]
+    for m in range(1, dag.n_acts + 1):
+        for j in dag.pre[m - 1].maps:
+            users[j].append(m)
+    return users
 
 
 def _operator_norm(m: torch.Tensor, norm: str) -> float:
