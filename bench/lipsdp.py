@@ -9,15 +9,21 @@ Sections (every bound is a checked certificate; "none" means no certificate was 
   4. the random networks of the ECLipsE paper (their generator: numpy seed
      7 width + 13 layers, input 4, output 1, each layer scaled to a spectral norm drawn in
      [0.4, 1.8]), against ECLipsE-Fast's closed form as the reference code computes it;
-  5. the largest network each form bounds within 60 s (2 hidden layers of growing width).
+  5. the largest network each form bounds within 60 s (2 hidden layers of growing width);
+  6. the scale targets, each in a fresh process (peak memory is that process's): the
+     LipSDP authors' own example weights (2-10-30-20-2 and MNIST 784-50-10, read from a
+     fetched copy of github.com/arobey1/LipSDP: set LIPSDP_REPO, skipped when absent)
+     under every proposer; a 784-1024x4-10 ReLU MLP (ECLipsE-Fast against Neuron);
+     a MaxMin 784-64x7-10 net.
 
-    python bench/lipsdp.py [--sections 1,2,3,4,5] [--time-limit 60]
+    python bench/lipsdp.py [--sections 1,2,3,4,5,6] [--time-limit 60]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -75,7 +81,7 @@ def section_random(time_limit: float) -> None:
             size = 8 + neurons
             for form in ("neuron", "layer", "eclipse-fast"):
                 solvers = ["auto"] if form == "eclipse-fast" else \
-                    ["auto", "clarabel", "scs", "firstorder"]
+                    ["auto", "barrier", "clarabel", "scs", "firstorder"]
                 for solver in solvers:
                     if solver == "clarabel" and size > 100:
                         print(f"{'8-' + '-'.join([str(width)] * depth) + '-4':24} {neurons:7d} "
@@ -227,19 +233,110 @@ def section_largest(time_limit: float) -> None:
                 break
 
 
+LIPSDP_REPO = Path(os.environ.get("LIPSDP_REPO", "/work/.mirror/arobey1+LipSDP/repo"))
+
+
+def lipsdp_example(name: str) -> list[np.ndarray] | None:
+    """The LipSDP authors' saved weights (examples/saved_weights/<name>_weights.mat), read
+    from a fetched git copy of their repository; None when it is absent."""
+    import io
+
+    import scipy.io
+
+    path = f"HEAD:LipSDP/examples/saved_weights/{name}_weights.mat"
+    try:
+        raw = subprocess.run(["git", "--git-dir", str(LIPSDP_REPO), "show", path],
+                             check=True, capture_output=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return [np.asarray(w, dtype=np.float64) for w in scipy.io.loadmat(io.BytesIO(raw))
+            ["weights"][0]]
+
+
+def _maxmin_groups(width: int):
+    from lipcert.estimators.lipsdp.lmi import GroupQC
+
+    h = width // 2
+    return GroupQC(np.array([[i, i + h] for i in range(h)]))
+
+
+def target_case(name: str):
+    """(weights, slopes) of a scale target, or None when its data is absent."""
+    if name in ("random", "mnist"):
+        weights = lipsdp_example(name)
+        return None if weights is None else (weights, [RELU] * (len(weights) - 1))
+    if name == "mlp4096":
+        return random_mlp(784, [1024] * 4, 10, seed=3), [RELU] * 4
+    if name == "maxmin448":
+        return random_mlp(784, [64] * 7, 10, seed=4), [_maxmin_groups(64)] * 7
+    raise ValueError(name)
+
+
+def run_case(spec: str, time_limit: float) -> None:
+    """Child process: one target under one (form, proposer); prints one JSON line."""
+    import json
+    import resource
+
+    name, form, solver = spec.split(":")
+    weights, slopes = target_case(name)
+    value, info, wall = run_one(weights, slopes, form, solver, time_limit)
+    print(json.dumps({"bound": value, "solve_s": info.get("solve_s", 0.0),
+                      "check_s": info.get("check_s", 0.0), "wall_s": wall,
+                      "status": "; ".join(info.get("solver_status", {}).values()),
+                      "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def section_targets(time_limit: float) -> None:
+    import json
+
+    print(f"\n## 6. scale targets (l2), each in a fresh process, time limit {time_limit:g} s\n")
+    print(f"{'network':24} {'neurons':>7} {'form':12} {'proposer':9} {'bound':>11} "
+          f"{'naive':>9} {'solve':>7} {'check':>6} {'total':>7} {'peak MB':>8}  status")
+    plans = [("random", [("neuron", p) for p in ("barrier", "clarabel", "scs", "firstorder")]),
+             ("mnist", [("neuron", p) for p in ("barrier", "scs", "firstorder")]),
+             ("maxmin448", [("neuron", "auto")]),
+             ("mlp4096", [("eclipse-fast", "auto"), ("neuron", "auto")])]
+    for name, runs in plans:
+        case = target_case(name)
+        if case is None:
+            print(f"{name:24} skipped: no copy of the LipSDP repository at {LIPSDP_REPO}")
+            continue
+        weights, _ = case
+        label = {"random": "LipSDP 2-10-30-20-2", "mnist": "LipSDP mnist 784-50-10",
+                 "maxmin448": "MaxMin 784-64x7-10", "mlp4096": "ReLU 784-1024x4-10"}[name]
+        neurons = sum(w.shape[0] for w in weights[:-1])
+        for form, solver in runs:
+            out = subprocess.run([sys.executable, __file__, "--case", f"{name}:{form}:{solver}",
+                                  "--time-limit", str(time_limit)],
+                                 capture_output=True, text=True)
+            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+            if not lines:
+                print(f"{label:24} {form} {solver}: failed: {out.stderr[-300:]}")
+                continue
+            r = json.loads(lines[-1])
+            print(f"{label:24} {neurons:7d} {form:12} {solver:9} {fmt(r['bound'])} "
+                  f"{naive_l2(weights):9.4g} {r['solve_s']:7.2f} {r['check_s']:6.2f} "
+                  f"{r['wall_s']:7.2f} {r['peak_mb']:8.0f}  {r['status'][:70]}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="1,2,3,4,5")
+    parser.add_argument("--sections", default="1,2,3,4,5,6")
     parser.add_argument("--time-limit", type=float, default=60.0)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    if args.case:
+        sys.path.insert(0, str(ROOT))
+        return run_case(args.case, args.time_limit)
     chosen = set(args.sections.split(","))
     print(f"# bench/lipsdp.py (time limit {args.time_limit:g} s per bound)")
     for key, fn in (("1", lambda: section_random(args.time_limit)),
                     ("2", section_end_to_end),
                     ("3", lambda: section_digits(args.time_limit)),
                     ("4", lambda: section_eclipse_paper(args.time_limit)),
-                    ("5", lambda: section_largest(args.time_limit))):
+                    ("5", lambda: section_largest(args.time_limit)),
+                    ("6", lambda: section_targets(max(args.time_limit, 280.0)))):
         if key in chosen:
             fn()
 

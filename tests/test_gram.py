@@ -61,7 +61,7 @@ def _usable_case(case, max_size: int):
     return (op, shape) if fits and np.prod(shape) <= max_size else None
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=FILTERED)
+@settings(max_examples=45, deadline=None, suppress_health_check=FILTERED)
 @given(case=conv_cases)
 def test_conv_bound_sound_and_within_one_percent(case):
     usable = _usable_case(case, 1024)
@@ -77,10 +77,10 @@ def test_conv_bound_sound_and_within_one_percent(case):
     assert alone >= exact * (1 - 1e-12)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=FILTERED)
+@settings(max_examples=30, deadline=None, suppress_health_check=FILTERED)
 @given(case=conv_cases)
 def test_gram_circular_candidate_is_sound(case):
-    usable = _usable_case(case, 2048)
+    usable = _usable_case(case, 1200)
     assume(usable is not None)
     op, shape = usable
     gram = G.conv_gram_bound(op.weight, shape[2:], op.stride, op.pads, op.dilation, op.groups)

@@ -86,7 +86,7 @@ def test_large_nets_are_refused_with_a_reason(tmp_path):
     assert result.upper is None and "refuses" in result.notes[-1]
 
 
-@pytest.mark.parametrize("solver", ["clarabel", "scs", "firstorder"])
+@pytest.mark.parametrize("solver", ["barrier", "clarabel", "scs", "firstorder"])
 def test_every_solver_gives_a_checked_bound(tmp_path, solver):
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(3, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(),
@@ -354,15 +354,51 @@ def test_depth_two_to_five_up_to_width_64(widths, act):
     assert "certified" in neuron.details["certificate"]
 
 
-def test_auto_uses_interior_point_for_small_lmis():
+def test_auto_uses_the_barrier_method_and_reaches_the_interior_point_optimum():
+    """auto proposes by the barrier method; its certified bound equals Clarabel's (an
+    independent interior-point solver) to 1e-6 and is at most SCS's, in l2 and linf."""
     from helpers import random_mlp
 
     from lipcert.ir import ops as O
 
-    small = lipcert.bound(random_mlp([3, 12, 12, 2], O.Relu(), 0), "lipsdp", "2")
-    assert small.details["proposers"] == ["clarabel"]
+    graph = random_mlp([3, 12, 12, 2], O.Relu(), 0)
+    for norm in ("2", "inf"):
+        auto = lipcert.bound(graph, "lipsdp", norm)
+        assert auto.details["proposers"] == ["barrier"]
+        clarabel = lipcert.bound(graph, "lipsdp", norm, solver="clarabel").upper
+        scs = lipcert.bound(graph, "lipsdp", norm, solver="scs").upper
+        assert abs(auto.upper - clarabel) <= 1e-6 * clarabel, (auto.upper, clarabel)
+        assert auto.upper <= scs * (1 + 1e-6)
     mid = lipcert.bound(random_mlp([8, 40, 20, 2], O.Relu(), 0), "lipsdp", "2")
-    assert mid.details["proposers"][0] == "scs" and mid.details["lmi_size"] == 68
+    assert mid.details["proposers"] == ["barrier"] and mid.details["lmi_size"] == 68
+
+
+def test_barrier_derivatives_match_finite_differences():
+    """The low-rank gradient and Hessian of -log det N(x) - sum log x_signed against
+    central differences, for slope-restricted and GroupSort layers, l2 and linf."""
+    from lipcert.estimators.lipsdp.barrier import _Problem
+    from lipcert.estimators.lipsdp.lmi import GroupQC, feasible_start
+
+    rng = np.random.default_rng(3)
+    cases = [([4, 6, 5, 2], [(0.0, 1.0), (-0.5, 1.0)], "2", "neuron"),
+             ([4, 6, 4, 1], [GroupQC(np.arange(6).reshape(3, 2)), (0.1, 1.0)], "inf", "neuron"),
+             ([4, 6, 6, 2], [(0.0, 1.0), GroupQC(np.arange(6).reshape(2, 3))], "2", "layer")]
+    for sizes, slopes, norm, form in cases:
+        weights = [rng.standard_normal((b, a)) for a, b in zip(sizes, sizes[1:], strict=False)]
+        prob = _Problem(weights, slopes, form, norm)
+        start = feasible_start(weights, slopes)
+        x = np.r_[np.full(prob.n_rho, 1e6), [start[g].mean() + 0.3 for g in prob.groups]]
+        grad, hess = prob.derivatives(x, prob.factor(x))
+        for j in range(len(x)):
+            e = 1e-5 * abs(x[j])
+            up, down = x.copy(), x.copy()
+            up[j] += e
+            down[j] -= e
+            fd = (prob.barrier(up, prob.factor(up)) - prob.barrier(down, prob.factor(down)))
+            assert abs(fd / (2 * e) - grad[j]) <= 1e-5 * np.max(np.abs(grad)) + 1e-12
+            dg = (prob.derivatives(up, prob.factor(up))[0] -
+                  prob.derivatives(down, prob.factor(down))[0]) / (2 * e)
+            assert np.max(np.abs(dg - hess[j])) <= 1e-4 * np.max(np.abs(hess[j]))
 
 
 @pytest.mark.parametrize("layers,width", [(5, 20), (10, 20)])
@@ -391,3 +427,36 @@ def test_eclipse_fast_not_above_the_reference_closed_form(layers, width):
     assert ours <= reference * (1 + 1e-6)
     neuron, _ = bound_subchain(weights, [(0.0, 1.0)] * (layers - 1), "neuron", "auto", 60)
     assert neuron <= ours * (1 + 1e-6)
+
+
+def test_block_certificate_agrees_with_the_dense_matrix():
+    """The block-tridiagonal sweep against dense linear algebra on the assembled matrix:
+    the Schur complement of the hidden block, and whether Cholesky runs on M - c I for
+    shifts on both sides of lambda_min (slope-restricted and GroupSort layers)."""
+    from lipcert.estimators.lipsdp.banded import cholesky_runs, input_schur
+    from lipcert.estimators.lipsdp.lmi import GroupQC, assemble, feasible_start, lmi_blocks
+
+    rng = np.random.default_rng(5)
+    cases = [([5, 8, 7, 6, 3], [(0.0, 1.0), (-1.0, 1.0), (0.1, 1.0)]),
+             ([6, 8, 8, 2], [GroupQC(np.arange(8).reshape(4, 2)), (0.0, 1.0)])]
+    for sizes, slopes in cases:
+        weights = [rng.standard_normal((b, a)) for a, b in zip(sizes, sizes[1:], strict=False)]
+        lam = feasible_start(weights, slopes) * rng.uniform(1.0, 3.0)
+        p, blocks = assemble(weights, slopes, lam), lmi_blocks(weights, slopes, lam)
+        assert np.array_equal(blocks.dense(), p)
+        n0 = sizes[0]
+        dense_schur = p[:n0, :n0] - p[:n0, n0:] @ np.linalg.solve(p[n0:, n0:], p[n0:, :n0])
+        assert np.allclose(input_schur(blocks), dense_schur, rtol=1e-9, atol=1e-9)
+        neg = -p
+        low = np.linalg.eigvalsh(neg)[0]
+        from lipcert.estimators.lipsdp.banded import negated
+
+        for shift in (low - 1e-3 * abs(low) - 1e-9, low + 1e-3 * abs(low) + 1e-9):
+            try:
+                np.linalg.cholesky(neg - shift * np.eye(len(neg)))
+                dense_ok = True
+            except np.linalg.LinAlgError:
+                dense_ok = False
+            assert cholesky_runs(negated(blocks), shift) == dense_ok
+        # multipliers that leave the hidden block indefinite give no Schur complement
+        assert input_schur(lmi_blocks(weights, slopes, 1e-6 * lam)) is None

@@ -1,11 +1,12 @@
 """Checking a LipSDP certificate in float64, independently of the solver.
 
 An SDP solver returns an approximate point; "optimal" can be infeasible. Given multipliers
-T (clipped to be nonnegative) we compute the smallest valid rho exactly and prove
-M(rho, T) < 0 with a Cholesky factorisation whose success is a proof (Rump, "Verification of
-positive definiteness", BIT 2006, Thm 2.3): if the floating-point Cholesky of A - c I succeeds
-with c >= gamma_{n+1} / (1 - 2 gamma_{n+1}) trace(A) (no underflow), then A is positive
-definite. We add to c a bound on the error of forming A itself.
+T (clipped to be nonnegative) we compute the smallest valid rho and prove M(rho, T) < 0 with
+a Cholesky factorisation whose success is a proof (Rump, "Verification of positive
+definiteness", BIT 2006, Thm 2.3): if the floating-point Cholesky of A - c I succeeds with
+c >= gamma_{n+1} / (1 - 2 gamma_{n+1}) trace(A) (no underflow), then A is positive definite.
+We add to c a bound on the error of forming A itself. Both run on the matrix's blocks
+(:mod:`.banded`): a chain's LMI is block tridiagonal.
 """
 
 from __future__ import annotations
@@ -14,44 +15,30 @@ import math
 from typing import Any  # noqa: F401
 
 import numpy as np
-import scipy.linalg as sla
 
 from ..common.progress import report
 from ..common.rounding import mul_up, sum_up
-from .lmi import assemble, feasible_start, lmi_size, nonneg_mask
+from .banded import (
+    frobenius,
+    input_schur,
+    largest_eigenvalue,
+    negated,
+    proves_positive_definite,
+)
+from .lmi import BlockTridiagonal, feasible_start, lmi_blocks, lmi_size, nonneg_mask
 
 U = 2.0**-53
 
-
-def _gamma(n: int) -> float:
-    return n * U / (1.0 - n * U)
-
-
-def proves_positive_definite(a: np.ndarray, formation_error: float) -> bool:
-    """True only if the exact matrix (fl(a) +- formation_error in spectral norm) is PD."""
-    n = a.shape[0]
-    g = _gamma(n + 1)
-    c = g / (1.0 - 2.0 * g) * float(np.trace(a)) + formation_error
-    c = math.nextafter(c * (1.0 + 4 * U), math.inf)
-    try:
-        sla.cholesky(a - c * np.eye(n), lower=True, check_finite=True)
-    except (np.linalg.LinAlgError, sla.LinAlgError, ValueError):
-        return False
-    return True
+def _with_input_block(m: BlockTridiagonal, first: np.ndarray, first_sub) -> BlockTridiagonal:
+    return BlockTridiagonal([first, *m.diag[1:]], [first_sub, *m.sub[1:]])
 
 
-def smallest_rho(p11: np.ndarray, p12: np.ndarray, p22: np.ndarray) -> float | None:
-    """lambda_max(P11 - P12 P22^{-1} P21) when P22 < 0 (numerically), else None."""
-    try:
-        chol = sla.cholesky(-p22, lower=True)
-    except (np.linalg.LinAlgError, sla.LinAlgError, ValueError):  # ValueError: NaN/inf
-        return None
-    y = sla.solve_triangular(chol, p12.T, lower=True)  # (-P22)^{-1/2} P21
-    schur = p11 + y.T @ y  # P11 - P12 P22^{-1} P21
-    schur = (schur + schur.T) / 2
-    if not np.all(np.isfinite(schur)):
-        return None
-    return float(sla.eigvalsh(schur)[-1])
+def estimate_rho(weights, slopes, lam) -> float | None:
+    """rho*(T) = lambda_max(P11 - P12 P22^{-1} P21) for fixed multipliers, in floating point
+    and unchecked (None when the hidden block is not negative definite): what the searches
+    over multipliers compare; only :func:`_certify_fixed` proves a value."""
+    schur = input_schur(lmi_blocks(weights, slopes, lam))
+    return None if schur is None else largest_eigenvalue(schur)
 
 
 def _certify_fixed(weights, slopes, lam, tau=None) -> tuple[float | None, str]:
@@ -61,31 +48,32 @@ def _certify_fixed(weights, slopes, lam, tau=None) -> tuple[float | None, str]:
     the input weights of :func:`solve_lipsdp`): M = P(T) - s diag(tau) < 0 proves
     |df|^2 <= s dx^T diag(tau) dx <= s sum(tau) ||dx||_inf^2 for the scalar output of the
     last row; s* = lambda_max(D^-1/2 S D^-1/2) with S the Schur complement, and s sum(tau)
-    is returned (rounded up)."""
+    is returned (rounded up). Every step runs on the blocks of P (:mod:`.banded`)."""
     n0 = weights[0].shape[1]
-    p = assemble(weights, slopes, lam)
+    p = lmi_blocks(weights, slopes, lam)
     tau = None if tau is None else np.asarray(tau, dtype=np.float64)
     if tau is None or not np.max(tau, initial=0.0) > 0:
         in_w = np.ones(n0)
     else:  # a floor keeps D^-1/2 well conditioned; it costs <= n0 1e-6 max(tau) in sum(tau)
         in_w = np.maximum(tau, 1e-6 * float(np.max(tau)))
     inv = 1.0 / np.sqrt(in_w)
-    rho = smallest_rho(inv[:, None] * p[:n0, :n0] * inv[None, :], inv[:, None] * p[:n0, n0:],
-                       p[n0:, n0:])
-    if rho is None:
+    scaled = _with_input_block(p, inv[:, None] * p.diag[0] * inv[None, :],
+                               p.sub[0] * inv[None, :])
+    schur = input_schur(scaled)
+    if schur is None:
         return None, "the multipliers do not make the hidden block negative definite"
-    d = p.shape[0]
-    scale = max(1.0, float(np.max(np.abs(np.diag(p)))))
-    rho = max(rho, 0.0)
-    abs_p = assemble(weights, slopes, lam, absolute=True)
+    rho = max(largest_eigenvalue(schur), 0.0)
+    d = sum(p.sizes())
+    scale = max(1.0, max(float(np.max(np.abs(np.diag(b)))) for b in p.diag))
     inner = max(max(w.shape) for w in weights) + 4  # longest dot product forming P
-    formation = 4.0 * inner * U * float(np.linalg.norm(abs_p, "fro"))
+    formation = 4.0 * inner * U * frobenius(lmi_blocks(weights, slopes, lam, absolute=True))
     w_max = float(np.max(in_w))
     for bump in (1e-9, 1e-7, 1e-5, 1e-3):
         trial = math.nextafter(rho * (1 + bump) + bump * 1e-3 * scale / w_max, math.inf)
-        m = p.copy()
-        m[np.arange(n0), np.arange(n0)] -= trial * in_w
-        if proves_positive_definite(-m, formation + 2.0 * U * trial * w_max * d):
+        first = p.diag[0].copy()
+        first[np.arange(n0), np.arange(n0)] -= trial * in_w
+        m = _with_input_block(p, first, p.sub[0])
+        if proves_positive_definite(negated(m), formation + 2.0 * U * trial * w_max * d):
             value = trial if tau is None else mul_up(trial, sum_up(in_w))
             return value, f"certified with margin {bump:g}"
     return None, "the Cholesky check of -M failed at every margin"

@@ -39,7 +39,7 @@ from .subchains import affine_norm, bound_subchain, split_chain
 
 SLOPE_RESTRICTED = (O.Relu, O.LeakyRelu, O.Sigmoid, O.Tanh, O.Clip)
 MAX_NEURONS = 1024
-SOLVERS = ("auto", "clarabel", "scs", "firstorder")
+SOLVERS = ("auto", "barrier", "clarabel", "scs", "firstorder")
 
 
 def slopes_of(chain: DenseChain) -> list:

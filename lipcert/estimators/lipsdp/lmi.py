@@ -92,23 +92,50 @@ def _membership(groups: np.ndarray, size: int) -> np.ndarray:
     return g
 
 
-def assemble(weights, slopes, lam, absolute: bool = False, xp=np):
-    """P = sum_i lam_i F_i + blkdiag(0, .., W_l^T W_l), dense (rho excluded).
+@dataclass
+class BlockTridiagonal:
+    """A symmetric matrix by its blocks: ``diag[k]`` (n_k x n_k) and ``sub[k]``, the block
+    in row k + 1 and column k (n_{k+1} x n_k); every other block is zero. The LipSDP matrix
+    of a chain has this form in the order [input, hidden 1, ..., hidden K]: layer k couples
+    only its own neurons with its input's."""
 
-    ``slopes`` gives each hidden layer's quadratic constraint: (alpha, beta) for a slope
-    restriction, or a :class:`GroupQC`. ``xp`` is numpy (float64 arrays) or torch (float64
-    tensors, differentiable in ``lam``). With ``absolute`` (numpy only) every term's
-    absolute value is summed instead: an entrywise bound used for the rounding error of
-    forming P.
-    """
-    n0, n_hidden, blocks = _structure(weights)
-    d = n0 + n_hidden
-    p = xp.zeros((d, d), dtype=xp.float64)
+    diag: list
+    sub: list
+
+    def sizes(self) -> list[int]:
+        return [int(d.shape[0]) for d in self.diag]
+
+    def dense(self, xp=np):
+        """The full matrix (numpy array or torch tensor, as the blocks are)."""
+        sizes = self.sizes()
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        m = xp.zeros((offsets[-1], offsets[-1]), dtype=xp.float64)
+        for k, d in enumerate(self.diag):
+            m[offsets[k]:offsets[k + 1], offsets[k]:offsets[k + 1]] += d
+        for k, b in enumerate(self.sub):
+            rows = slice(offsets[k + 1], offsets[k + 2])
+            cols = slice(offsets[k], offsets[k + 1])
+            m[rows, cols] += b
+            m[cols, rows] += b.T
+        return m
+
+
+def assemble_blocks(weights, slopes, lam, absolute: bool = False, xp=np,
+                    output: bool = True) -> BlockTridiagonal:
+    """The blocks of P = sum_i lam_i F_i + blkdiag(0, .., W_l^T W_l) (rho excluded).
+
+    Fazlyab et al. (NeurIPS 2019), Thm 2 for slope-restricted layers: layer k with slopes
+    [a, b] and multipliers T_k adds -2ab W_k^T T_k W_k to its input's block, (a + b) T_k W_k
+    below the diagonal and -2 T_k to its own block; a GroupSort layer (Pauli et al., ICLR
+    2024, Sec. 4) adds W_k^T T_k W_k and -T_k. ``output`` False leaves out the last term
+    (an output map that reads every block is added densely by :func:`assemble`). ``xp``
+    and ``absolute`` as in :func:`assemble`."""
+    sizes = [weights[0].shape[1]] + [w.shape[0] for w in weights[:-1]]
+    diag = [xp.zeros((n, n), dtype=xp.float64) for n in sizes]
+    sub = []
     offset = 0
-    for k, (row, col, w) in enumerate(blocks):
+    for k, w in enumerate(weights[:-1]):
         qc = slopes[k]
-        cols = slice(col, col + w.shape[1])
-        hid = slice(n0 + row, n0 + row + w.shape[0])
         if isinstance(qc, GroupQC):
             n_groups = qc.groups.shape[0]
             lk, gk = lam[offset:offset + n_groups], lam[offset + n_groups:offset + 2 * n_groups]
@@ -118,31 +145,61 @@ def assemble(weights, slopes, lam, absolute: bool = False, xp=np):
                 memb = xp.as_tensor(memb, dtype=xp.float64)
             if absolute:
                 t = np.diag(memb @ np.abs(lk)) + memb @ (np.abs(gk)[:, None] * memb.T)
-                p[cols, cols] += np.abs(w).T @ t @ np.abs(w)
-                p[hid, hid] += t
+                diag[k] = diag[k] + np.abs(w).T @ t @ np.abs(w)
+                diag[k + 1] = diag[k + 1] + t
             else:
                 t = xp.diag(memb @ lk) + memb @ (gk[:, None] * memb.T)
-                p[cols, cols] += w.T @ t @ w
-                p[hid, hid] += -t
+                diag[k] = diag[k] + w.T @ t @ w
+                diag[k + 1] = diag[k + 1] - t
+            sub.append(xp.zeros((w.shape[0], w.shape[1]), dtype=xp.float64))
             continue
         alpha, beta = qc
         lk = lam[offset:offset + w.shape[0]]
         offset += w.shape[0]
         wl = lk[:, None] * w  # T W
         if absolute:
-            p[cols, cols] += abs(2.0 * alpha * beta) * (np.abs(w).T @ np.abs(wl))
-            p[hid, cols] += np.abs((alpha + beta) * wl)
-            p[cols, hid] += np.abs((alpha + beta) * wl).T
-            p[hid, hid] += np.diag(np.abs(2.0 * lk))
+            diag[k] = diag[k] + abs(2.0 * alpha * beta) * (np.abs(w).T @ np.abs(wl))
+            sub.append(np.abs((alpha + beta) * wl))
+            diag[k + 1] = diag[k + 1] + np.diag(np.abs(2.0 * lk))
         else:
-            p[cols, cols] += -2.0 * alpha * beta * (w.T @ wl)
-            p[hid, cols] += (alpha + beta) * wl  # (a + b) T W, block (hidden, cols)
-            p[cols, hid] += (alpha + beta) * wl.T
-            p[hid, hid] += xp.diag(-2.0 * lk)
-    w_last = weights[-1]
-    last = slice(d - w_last.shape[1], d)
-    p[last, last] += (np.abs(w_last).T @ np.abs(w_last)) if absolute else w_last.T @ w_last
+            if alpha * beta != 0.0:
+                diag[k] = diag[k] - 2.0 * alpha * beta * (w.T @ wl)
+            sub.append((alpha + beta) * wl)  # (a + b) T W, block (hidden, input)
+            diag[k + 1] = diag[k + 1] + xp.diag(-2.0 * lk)
+    if output:
+        w_last = weights[-1]
+        gram = (np.abs(w_last).T @ np.abs(w_last)) if absolute else w_last.T @ w_last
+        diag[-1] = diag[-1] + gram
+    return BlockTridiagonal(diag, sub)
+
+
+def assemble(weights, slopes, lam, absolute: bool = False, xp=np):
+    """P = sum_i lam_i F_i + blkdiag(0, .., W_l^T W_l), dense (rho excluded).
+
+    ``slopes`` gives each hidden layer's quadratic constraint: (alpha, beta) for a slope
+    restriction, or a :class:`GroupQC`. ``xp`` is numpy (float64 arrays) or torch (float64
+    tensors, differentiable in ``lam``). With ``absolute`` (numpy only) every term's
+    absolute value is summed instead: an entrywise bound used for the rounding error of
+    forming P. An output map that reads every block (:func:`has_output_connections`) adds
+    C^T C over the whole matrix.
+    """
+    skip = has_output_connections(weights)
+    p = assemble_blocks(weights, slopes, lam, absolute, xp, output=not skip).dense(xp)
+    if skip:
+        c = weights[-1]
+        p = p + ((np.abs(c).T @ np.abs(c)) if absolute else c.T @ c)
     return p
+
+
+def lmi_blocks(weights, slopes, lam, absolute: bool = False, xp=np) -> BlockTridiagonal:
+    """The LMI matrix P (rho excluded) by blocks: block tridiagonal for a chain; an output
+    map that reads every block couples them all, and then P is split only as
+    [[P11, P12], [P21, P22]] (input, hidden)."""
+    if not has_output_connections(weights):
+        return assemble_blocks(weights, slopes, lam, absolute, xp)
+    n0 = weights[0].shape[1]
+    p = assemble(weights, slopes, lam, absolute, xp)
+    return BlockTridiagonal([p[:n0, :n0], p[n0:, n0:]], [p[n0:, :n0]])
 
 
 def _equivalent_slopes(qc) -> tuple[float, float]:

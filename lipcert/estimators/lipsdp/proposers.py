@@ -15,11 +15,12 @@ import numpy as np
 from ...errors import MethodNotApplicable
 from ..common.interrupts import interruptible_scs
 from ..common.progress import Countdown, report
-from .certificate import _certify_fixed
+from .banded import input_schur
+from .certificate import certify_and_repair, estimate_rho
 from .lmi import (
     GroupQC,
-    assemble,
     feasible_start,
+    lmi_blocks,
     lmi_components,
     lmi_expression,
     lmi_size,
@@ -27,24 +28,24 @@ from .lmi import (
     parameter_groups,
 )
 
-SCS_NEURONS = 320  # SCS in "auto" up to this many hidden neurons, first-order beyond
+BARRIER_NEURONS = 600  # the barrier method in "auto" up to this many, first-order beyond
 SCS_AUTO_SECONDS = 15.0
-INTERIOR_POINT_SIZE = 40  # Clarabel in "auto" up to this LMI size (its cost grows like d^6)
+GOLDEN_STEPS = 48  # log-scale bracket 60 / 1.618^48: 1e-8
 
 
 def propose_first_order(weights, slopes, form: str, iterations: int = 1000,
                         time_limit: float = 60.0, start: np.ndarray | None = None):
     """Minimise rho*(T) = lambda_max(P11 - P12 P22^{-1} P21) over T >= 0 (convex on its
     domain, since it is the optimal rho of the LMI for fixed T) by Adam on log T, with a
-    smoothed max eigenvalue. Any T it returns is only a proposal: the certificate decides."""
+    smoothed max eigenvalue. The Schur complement is computed by blocks
+    (:func:`input_schur`), so a step costs sum_k n_k^3, not (sum_k n_k)^3. Any T it
+    returns is only a proposal: the certificate decides."""
     import torch
 
     ws = [torch.as_tensor(w, dtype=torch.float64) for w in weights]
-    n0 = weights[0].shape[1]
     if start is not None:  # it must keep the hidden block negative definite, else use ours
         start = np.where(nonneg_mask(weights, slopes), np.maximum(start, 0.0), start)
-        hidden = -assemble(weights, slopes, start)[n0:, n0:]
-        if np.linalg.eigvalsh((hidden + hidden.T) / 2)[0] <= 0:
+        if estimate_rho(weights, slopes, start) is None:
             start = None
     if start is None:
         start = feasible_start(weights, slopes)
@@ -66,15 +67,12 @@ def propose_first_order(weights, slopes, form: str, iterations: int = 1000,
     best, best_u = np.inf, u.detach().clone()
     t0 = time.perf_counter()
     for it in range(iterations):
-        p = assemble(ws, slopes, multipliers(u), xp=torch)
-        chol, info = torch.linalg.cholesky_ex(-p[n0:, n0:])
-        if int(info) != 0:  # left the domain: step back towards the last good point
+        schur = input_schur(lmi_blocks(ws, slopes, multipliers(u), xp=torch), xp=torch)
+        if schur is None:  # left the domain: step back towards the last good point
             with torch.no_grad():
                 u.copy_((u + best_u) / 2)
             continue
-        y = torch.linalg.solve_triangular(chol, p[n0:, :n0], upper=False)
-        schur = p[:n0, :n0] + y.T @ y
-        eig = torch.linalg.eigvalsh((schur + schur.T) / 2)
+        eig = torch.linalg.eigvalsh(schur)
         value = float(eig[-1].detach())
         if value < best:
             best, best_u = value, u.detach().clone()
@@ -102,10 +100,19 @@ def solve_lipsdp(weights, slopes, form: str, solver: str, time_limit: float,
     ``norm`` "inf" (for a single output row): minimise sum(tau) with diag(tau) in place of
     rho I, as in the linf LipSDP of Wang et al. (ICLR 2024) and Pauli et al. (ICLR 2024,
     Sec. 4.3); the input weights tau are returned in ``info["input_weights"]``."""
+    if solver.lower() == "barrier":
+        from .barrier import propose_barrier
+
+        return propose_barrier(weights, slopes, form, norm, time_limit)
     if solver.lower() == "firstorder":
         if norm != "2":
             raise MethodNotApplicable("the first-order proposer is l2 only")
         return propose_first_order(weights, slopes, form, time_limit=time_limit, start=start)
+    return _solve_cvxpy(weights, slopes, form, solver, time_limit, norm)
+
+
+def _solve_cvxpy(weights, slopes, form: str, solver: str, time_limit: float, norm: str):
+    """The SDP through cvxpy (Clarabel or SCS): multipliers and solver info."""
     import cvxpy as cp
 
     groups = parameter_groups(weights, slopes, form)
@@ -152,16 +159,15 @@ def solve_lipsdp(weights, slopes, form: str, solver: str, time_limit: float,
 def auto_proposers(size: int, n_hidden: int, split_lmi: bool, norm: str,
                    slopes: list) -> list[str]:
     """Who proposes multipliers in ``solver=auto`` (measured, bench/results/lipsdp.txt):
-    Clarabel for a single small LMI (interior point, accurate, cost ~ size^6), SCS up to
-    :data:`SCS_NEURONS` hidden neurons (and always for a chain of small LMIs, where Clarabel
-    fails at the boundary-feasible optimum); beyond (l2 only), ECLipsE-Fast's certified
-    multipliers where its slopes allow, then the first-order method started from them (on
-    deep chains first-order alone was measured 2-3x worse than SCS)."""
-    if size <= INTERIOR_POINT_SIZE and not split_lmi:
-        return ["clarabel"]
+    the barrier method up to :data:`BARRIER_NEURONS` hidden neurons (8-256x2-4 ReLU:
+    41 s to a gap of 3e-9 where SCS took 124 s to "optimal_inaccurate", 784-50-10:
+    0.15 s); beyond (l2), ECLipsE-Fast's certified multipliers, then the first-order
+    method started from them; linf beyond: SCS (one SDP per output row shares the time
+    limit, and a Newton step there costs d m^2)."""
+    del size, split_lmi  # the barrier method keeps the LMI whole and interior
+    if n_hidden <= BARRIER_NEURONS:
+        return ["barrier"]
     if norm != "2":
-        return ["scs"]
-    if n_hidden <= SCS_NEURONS:
         return ["scs"]
     return ["eclipse-fast", "firstorder"] if eclipse_applies(slopes) else ["firstorder"]
 
@@ -193,30 +199,30 @@ def eclipse_fast_multipliers(weights, slopes) -> np.ndarray:
 
 
 def _eclipse_certificate(weights, slopes):
-    """Certify the ECLipsE-Fast direction T: rho*(c T) is convex in c, so a golden-section
-    search on log c finds the best scale; every value is a checked certificate. Returns
-    (rho, why, multipliers) with rho None when no scale was certified."""
+    """Certify the ECLipsE-Fast direction T at its best scale: rho*(c T) is convex in c, so
+    a golden-section search on log c (on the unchecked :func:`estimate_rho`; small scales
+    leave the hidden block indefinite, so a search that sees only those moves up) finds
+    it, and the multipliers there are then checked. Returns (rho, why, multipliers) with
+    rho None when no scale was certified."""
     direction = eclipse_fast_multipliers(weights, slopes)
-    best: tuple[float | None, str, np.ndarray | None] = (None, "no scale certified", None)
-
     size = lmi_size(weights)
-    steps = Countdown(f"ECLipsE-Fast check (size {size})", 62)
+    steps = Countdown(f"ECLipsE-Fast scale search (size {size})", GOLDEN_STEPS + 2)
+    best = [math.inf, 0.0]
 
     def value(log_c: float) -> float:
-        nonlocal best
-        lam = math.exp(log_c) * direction
-        rho, why = _certify_fixed(weights, slopes, lam)
-        if rho is not None and (best[0] is None or rho < best[0]):
-            best = (rho, why, lam)
-        steps.step("" if best[0] is None else f"best {math.sqrt(best[0]):.4g}")
-        return math.inf if rho is None else rho
+        rho = estimate_rho(weights, slopes, math.exp(log_c) * direction)
+        rho = math.inf if rho is None or not math.isfinite(rho) else rho
+        if rho < best[0]:
+            best[:] = [rho, log_c]
+        steps.step("" if best[0] == math.inf else f"best {math.sqrt(max(best[0], 0)):.4g}")
+        return rho
 
     lo, hi = -30.0, 30.0
     golden = (math.sqrt(5) - 1) / 2
     a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
     fa, fb = value(a), value(b)
-    for _ in range(60):
-        if fa <= fb:
+    for _ in range(GOLDEN_STEPS):
+        if fa <= fb and fa < math.inf:
             hi, b, fb = b, a, fa
             a = hi - golden * (hi - lo)
             fa = value(a)
@@ -224,5 +230,6 @@ def _eclipse_certificate(weights, slopes):
             lo, a, fa = a, b, fb
             b = lo + golden * (hi - lo)
             fb = value(b)
-    return best
-
+    if best[0] == math.inf:
+        return None, "no scale of the ECLipsE-Fast multipliers is feasible", None
+    return certify_and_repair(weights, slopes, math.exp(best[1]) * direction)

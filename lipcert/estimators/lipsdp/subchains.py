@@ -84,7 +84,8 @@ def _propose_and_certify(solve_weights, check_weights, slopes, form: str,
                          info: dict[str, Any]) -> float | None:
     """The smallest certified squared bound over the proposers' multipliers. In auto mode
     a proposal that could not be certified, or only after mixing in the feasible start,
-    brings in the first-order proposer as well (l2). The first-order method starts from the
+    brings in the first-order proposer as well (l2), and a barrier run that gave no
+    certificate brings in SCS. The first-order method starts from the
     best certified (possibly repaired) multipliers so far, or ECLipsE-Fast's where they
     apply, and only ever keeps improvements. Measured: ACAS Xu, SCS's repaired point
     certifies 5.1e6, first-order from it 1.2e5; 8-80x6-4 ReLU net, first-order from the
@@ -122,6 +123,10 @@ def _propose_and_certify(solve_weights, check_weights, slopes, form: str,
         elif best is None:
             info["certificate"] = why
         clean = candidate is not None and "mixing" not in why
+        if auto and name == "barrier" and candidate is None and "scs" not in proposers:
+            proposers.append("scs")  # a second opinion from the splitting solver
+            info["proposers"].append("scs")
+            queue.append("scs")
         if auto and norm == "2" and not clean and "firstorder" not in proposers:
             proposers.append("firstorder")
             info["proposers"].append("firstorder")

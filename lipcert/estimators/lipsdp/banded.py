@@ -1,0 +1,114 @@
+"""Block-tridiagonal linear algebra for the LipSDP certificate.
+
+A chain's LMI matrix is block tridiagonal in the order [input, hidden 1, ..., hidden K]
+(:class:`~.lmi.BlockTridiagonal`): its Cholesky factor is block bidiagonal and the Schur
+complement of the hidden block runs layer by layer, at a cost of sum_k n_k^3 operations and
+sum_k n_k^2 memory instead of (sum_k n_k)^3 and (sum_k n_k)^2 (the sequential structure
+behind ECLipsE, Xu and Sivaranjani, NeurIPS 2024, Sec. 3). See docs/ARCHITECTURE.md.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.linalg as sla
+
+from .lmi import BlockTridiagonal
+
+U = 2.0**-53
+_FAILED = (np.linalg.LinAlgError, sla.LinAlgError, ValueError)  # ValueError: NaN or inf
+
+
+def _gamma(n: int) -> float:
+    return n * U / (1.0 - n * U)
+
+
+def negated(m: BlockTridiagonal) -> BlockTridiagonal:
+    return BlockTridiagonal([-d for d in m.diag], [-b for b in m.sub])
+
+
+def trace(m: BlockTridiagonal) -> float:
+    return float(sum(np.trace(d) for d in m.diag))
+
+
+def frobenius(m: BlockTridiagonal) -> float:
+    """||M||_F; an upper bound on the spectral norm of M."""
+    total = sum(float(np.sum(d * d)) for d in m.diag) + \
+        2.0 * sum(float(np.sum(b * b)) for b in m.sub)
+    return math.sqrt(total)
+
+
+def cholesky_runs(m: BlockTridiagonal, shift: float) -> bool:
+    """Whether the floating-point Cholesky factorisation of M - shift I runs to completion.
+
+    Computed by blocks: L_kk = chol(D_k - shift I - L_{k,k-1} L_{k,k-1}^T) and
+    L_{k+1,k} = B_k L_kk^{-T}. This is the Cholesky algorithm with another order of
+    evaluation: every entry is still (a_ij - a sum of products) / l_jj, and the entries
+    outside the band are exact zeros in any order. The error bound
+    L L^T = A + dA, |dA| <= gamma_{n+1} |L| |L^T| holds for every order of evaluation
+    (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., Lemma 8.4 and
+    Thm 10.3), and it is all that Rump's test (BIT 2006, Thm 2.3) uses."""
+    below = None  # L_{k,k-1}
+    for k, d in enumerate(m.diag):
+        a = d - shift * np.eye(d.shape[0])
+        if below is not None:
+            a = a - below @ below.T
+        try:
+            chol = sla.cholesky(a, lower=True, check_finite=True)
+            if k < len(m.sub):
+                below = sla.solve_triangular(chol, m.sub[k].T, lower=True,
+                                             check_finite=True).T
+        except _FAILED:
+            return False
+    return True
+
+
+def proves_positive_definite(a: BlockTridiagonal, formation_error: float) -> bool:
+    """True only if the exact matrix (fl(a) +- formation_error in spectral norm) is positive
+    definite (Rump, "Verification of positive definiteness", BIT 2006, Thm 2.3): the
+    floating-point Cholesky of A - c I runs with c >= gamma_{n+1} / (1 - 2 gamma_{n+1})
+    trace(A) (no underflow), plus the formation error."""
+    n = sum(a.sizes())
+    g = _gamma(n + 1)
+    c = g / (1.0 - 2.0 * g) * max(trace(a), 0.0) + formation_error
+    c = math.nextafter(c * (1.0 + 4 * U), math.inf)
+    if not math.isfinite(c):
+        return False
+    return cholesky_runs(a, c)
+
+
+def input_schur(m: BlockTridiagonal, xp=np):
+    """The Schur complement D_0 - B_0^T H^{-1} B_0 of the hidden block H when H is
+    (numerically) negative definite, else None.
+
+    Backward sweep: S_K = D_K, S_k = D_k - B_k^T S_{k+1}^{-1} B_k; H < 0 iff every S_k < 0,
+    and the first block of H^{-1} is S_1^{-1}. Each step is one Cholesky factorisation of
+    -S_{k+1} and one triangular solve. ``xp`` numpy, or torch (differentiable in the
+    blocks: the first-order proposer's objective)."""
+    if len(m.diag) == 1:
+        return m.diag[0]
+    schur = m.diag[-1]
+    for k in range(len(m.diag) - 1, 0, -1):
+        if xp is np:
+            try:
+                chol = sla.cholesky(-schur, lower=True, check_finite=True)
+                y = sla.solve_triangular(chol, m.sub[k - 1], lower=True, check_finite=True)
+            except _FAILED:
+                return None
+        else:
+            chol, info = xp.linalg.cholesky_ex(-schur)
+            if int(info) != 0:
+                return None
+            y = xp.linalg.solve_triangular(chol, m.sub[k - 1], upper=False)
+        schur = m.diag[k - 1] + y.T @ y
+        schur = (schur + schur.T) / 2
+    finite = np.all(np.isfinite(schur)) if xp is np else bool(xp.isfinite(schur).all())
+    return schur if finite else None
+
+
+def largest_eigenvalue(a: np.ndarray) -> float:
+    """lambda_max of a symmetric matrix (LAPACK's MRRR for the top eigenvalue only). An
+    estimate: the certificate proves its own margin above it."""
+    n = a.shape[0]
+    return float(sla.eigvalsh(a, subset_by_index=[n - 1, n - 1], check_finite=False)[-1])
