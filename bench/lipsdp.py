@@ -14,7 +14,8 @@ Sections (every bound is a checked certificate; "none" means no certificate was 
      LipSDP authors' own example weights (2-10-30-20-2 and MNIST 784-50-10, read from a
      fetched copy of github.com/arobey1/LipSDP: set LIPSDP_REPO, skipped when absent)
      under every proposer; a 784-1024x4-10 ReLU MLP (ECLipsE-Fast against Neuron);
-     a MaxMin 784-64x7-10 net.
+     a MaxMin 784-64x7-10 net; the OVAL21 CIFAR convnet cifar_base_kw from ../shared/onnx
+     (its convolutions unrolled; gram gives 20.5 there).
 
     python bench/lipsdp.py [--sections 1,2,3,4,5,6] [--time-limit 60]
 """
@@ -269,6 +270,17 @@ def target_case(name: str):
         return random_mlp(784, [1024] * 4, 10, seed=3), [RELU] * 4
     if name == "maxmin448":
         return random_mlp(784, [64] * 7, 10, seed=4), [_maxmin_groups(64)] * 7
+    if name == "cifar_base_kw":  # the OVAL21 CIFAR convnet, convolutions unrolled
+        path = ROOT.parent / "shared" / "onnx" / "cifar_base_kw.onnx"
+        if not path.exists():
+            return None
+        import lipcert
+        from lipcert.estimators.lipsdp.estimator import SLOPE_RESTRICTED, dense_chain, slopes_of
+        from lipcert.ir import ops
+
+        chain = dense_chain(lipcert.load(path), "lipsdp", (*SLOPE_RESTRICTED, ops.GroupSort),
+                            None)
+        return chain.weights, slopes_of(chain)
     raise ValueError(name)
 
 
@@ -295,15 +307,18 @@ def section_targets(time_limit: float) -> None:
     plans = [("random", [("neuron", p) for p in ("barrier", "clarabel", "scs", "firstorder")]),
              ("mnist", [("neuron", p) for p in ("barrier", "scs", "firstorder")]),
              ("maxmin448", [("neuron", "auto")]),
-             ("mlp4096", [("eclipse-fast", "auto"), ("neuron", "auto")])]
+             ("mlp4096", [("eclipse-fast", "auto"), ("neuron", "auto")]),
+             ("cifar_base_kw", [("neuron", "auto")])]
     for name, runs in plans:
         case = target_case(name)
         if case is None:
-            print(f"{name:24} skipped: no copy of the LipSDP repository at {LIPSDP_REPO}")
+            print(f"{name:24} skipped: its data is absent (LipSDP repository at "
+                  f"{LIPSDP_REPO}, or ../shared/onnx)")
             continue
         weights, _ = case
         label = {"random": "LipSDP 2-10-30-20-2", "mnist": "LipSDP mnist 784-50-10",
-                 "maxmin448": "MaxMin 784-64x7-10", "mlp4096": "ReLU 784-1024x4-10"}[name]
+                 "maxmin448": "MaxMin 784-64x7-10", "mlp4096": "ReLU 784-1024x4-10",
+                 "cifar_base_kw": "cifar_base_kw (unrolled)"}[name]
         neurons = sum(w.shape[0] for w in weights[:-1])
         for form, solver in runs:
             out = subprocess.run([sys.executable, __file__, "--case", f"{name}:{form}:{solver}",

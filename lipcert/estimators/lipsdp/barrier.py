@@ -205,11 +205,13 @@ def propose_barrier(weights, slopes, form: str, norm: str = "2", time_limit: flo
 def _blas_threads(size: int):
     """One BLAS thread for small LMIs: at size 62 a Newton step was measured 3.7x faster
     on one thread than on two (thread start-up dominates such small products)."""
-    if size > SINGLE_THREAD_SIZE:
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # a dependency; without it the method only runs slower
+        threadpool_limits = None
+    if size > SINGLE_THREAD_SIZE or threadpool_limits is None:
         yield
         return
-    from threadpoolctl import threadpool_limits
-
     with threadpool_limits(limits=1, user_api="blas"):
         yield
 
