@@ -198,11 +198,12 @@ def eclipse_fast_multipliers(weights, slopes) -> np.ndarray:
     return np.concatenate(lam)
 
 
-def _eclipse_certificate(weights, slopes):
+def _eclipse_certificate(weights, slopes, deadline: float = math.inf):
     """Certify the ECLipsE-Fast direction T at its best scale: rho*(c T) is convex in c, so
     a golden-section search on log c (on the unchecked :func:`estimate_rho`; small scales
     leave the hidden block indefinite, so a search that sees only those moves up) finds
-    it, and the multipliers there are then checked. Returns (rho, why, multipliers) with
+    it, and the multipliers there are then checked. Past ``deadline`` (perf_counter) the
+    search stops at the best scale seen once one is feasible. Returns (rho, why, multipliers) with
     rho None when no scale was certified."""
     direction = eclipse_fast_multipliers(weights, slopes)
     size = lmi_size(weights)
@@ -222,6 +223,8 @@ def _eclipse_certificate(weights, slopes):
     a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
     fa, fb = value(a), value(b)
     for _ in range(GOLDEN_STEPS):
+        if best[0] < math.inf and time.perf_counter() > deadline:
+            break
         if fa <= fb and fa < math.inf:
             hi, b, fb = b, a, fa
             a = hi - golden * (hi - lo)

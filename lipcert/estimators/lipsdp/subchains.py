@@ -100,13 +100,13 @@ def _propose_and_certify(solve_weights, check_weights, slopes, form: str,
         if auto and name == "scs" and math.isfinite(time_limit):  # inf: iterations decide
             limit = min(limit, SCS_AUTO_SECONDS)
         if name == "eclipse-fast":  # closed form; its golden search is all checking
-            candidate, why, lam = _eclipse_certificate(check_weights, slopes)
+            candidate, why, lam = _eclipse_certificate(check_weights, slopes, deadline)
             status, tc = "closed form", ts
         else:
             start = best_lam if name == "firstorder" else None
             if name == "firstorder" and start is None and norm == "2" and \
                     eclipse_applies(slopes):  # a far better start than feasible_start
-                start = _eclipse_certificate(check_weights, slopes)[2]
+                start = _eclipse_certificate(check_weights, slopes, deadline)[2]
             lam, sinfo = solve_lipsdp(solve_weights, slopes, form, name, limit, norm, start)
             status, tc = sinfo["status"], time.perf_counter()
             candidate, why, lam = (None, "the solver returned no multipliers", None) \
