@@ -4,7 +4,7 @@ A chain's LMI matrix is block tridiagonal in the order [input, hidden 1, ..., hi
 (:class:`~.lmi.BlockTridiagonal`): its Cholesky factor is block bidiagonal and the Schur
 complement of the hidden block runs layer by layer, at a cost of sum_k n_k^3 operations and
 sum_k n_k^2 memory instead of (sum_k n_k)^3 and (sum_k n_k)^2 (the sequential structure
-behind ECLipsE, Xu and Sivaranjani, NeurIPS 2024, Sec. 3). See docs/ARCHITECTURE.md.
+behind ECLipsE, Xu and Sivaranjani, NeurIPS 2024). See docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations

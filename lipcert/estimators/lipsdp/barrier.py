@@ -12,7 +12,7 @@ group adds lam_j sum_r (w_r w_r^T - e_r e_r^T) and gamma_j (sum w_r)(sum w_r)^T 
 K = Q^T N^{-1} Q, the gradient and Hessian of -log det N are -tr(C_j K_jj) and
 tr(C_j K_jk C_k K_kj): one factorisation of N and one product Q^T N^{-1} Q per step
 (the low-rank form of the Hessian used by dual-scaling SDP codes: Benson, Ye and Zhang,
-SIAM J. Optim. 2000, Sec. 3). The point it returns is a proposal like any other: the
+SIAM J. Optim. 2000). The point it returns is a proposal like any other: the
 certificate checks it.
 """
 
