@@ -27,6 +27,27 @@ def exact_bound(result) -> float:
     return result.details["exact_arithmetic_bound"]
 
 
+def check_growing_boxes(graph, norm, center, eps_values, samples, bab_samples, max_domains):
+    """local on growing boxes around ``center``: the root bound is monotone in eps, at most
+    naive and at least the sampled gradient lower bound; branch-and-bound on the largest
+    box is at most the root and still above the lower bound."""
+    naive = lipcert.bound(graph, "naive", norm).upper
+    previous = 0.0
+    for eps in eps_values:
+        root = lipcert.bound(graph, "local", norm, center=center, eps=eps, bab_time=0)
+        assert root.upper >= previous * (1 - 1e-9), (eps, root.upper, previous)
+        assert root.upper <= naive * (1 + 1e-9)
+        lower = box_gradient_lower(graph, center, eps, samples=samples, norm=norm)
+        assert root.upper >= lower * (1 - 1e-9)
+        previous = root.upper
+    last = eps_values[-1]
+    bab = lipcert.bound(graph, "local", norm, center=center, eps=last, bab_time=math.inf,
+                        max_domains=max_domains)
+    assert bab.upper <= previous * (1 + 1e-12)
+    lower = box_gradient_lower(graph, center, last, samples=bab_samples, norm=norm)
+    assert bab.upper >= lower * (1 - 1e-9)
+
+
 def box_gradient_lower(graph, center, eps, samples=200, seed=0, norm="inf") -> float:
     """max_j ||grad f_j(x)||_1 (``norm`` "2": the Jacobian's operator norm) at random points
     and vertices of the box (autograd)."""
@@ -96,18 +117,7 @@ ACTS = {"relu": O.Relu(), "leaky": O.LeakyRelu(0.2), "tanh": O.Tanh(), "sigmoid"
 def test_random_nets_monotone_sound_and_below_naive(widths, act, seed):
     graph = random_mlp([3, *widths, 2], ACTS[act], seed)
     center = np.random.default_rng(seed).uniform(-1, 1, 3)
-    naive = lipcert.bound(graph, "naive", "inf").upper
-    previous = 0.0
-    for eps in (0.0, 0.01, 0.1, 0.3, 1.0):
-        root = lipcert.bound(graph, "local", "inf", center=center, eps=eps, bab_time=0)
-        assert root.upper >= previous * (1 - 1e-9), (eps, root.upper, previous)
-        assert root.upper <= naive * (1 + 1e-9)
-        assert root.upper >= box_gradient_lower(graph, center, eps, samples=40) * (1 - 1e-9)
-        previous = root.upper
-    bab = lipcert.bound(graph, "local", "inf", center=center, eps=1.0, bab_time=math.inf,
-                        max_domains=100)
-    assert bab.upper <= previous * (1 + 1e-12)
-    assert bab.upper >= box_gradient_lower(graph, center, 1.0, samples=60) * (1 - 1e-9)
+    check_growing_boxes(graph, "inf", center, (0.0, 0.01, 0.1, 0.3, 1.0), 40, 60, 100)
 
 
 def test_domain_clips_the_box_and_tightens():

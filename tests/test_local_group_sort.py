@@ -13,7 +13,7 @@ import torch
 from helpers import MODELS, random_mlp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_local import box_gradient_lower, exact_bound
+from test_local import box_gradient_lower, check_growing_boxes, exact_bound
 
 import lipcert
 from lipcert.ir import evaluate
@@ -75,18 +75,7 @@ def test_random_group_sort_nets_sound_monotone_and_below_naive(g, groups, depth,
     width = g * groups
     graph = random_mlp([3, *[width] * depth, 2], group_sort(g, width), seed)
     center = np.random.default_rng(seed).uniform(-1, 1, 3)
-    naive = lipcert.bound(graph, "naive", "inf").upper
-    previous = 0.0
-    for eps in (0.0, 0.05, 0.3, 1.0):
-        root = lipcert.bound(graph, "local", "inf", center=center, eps=eps, bab_time=0)
-        assert root.upper >= previous * (1 - 1e-9)
-        assert root.upper <= naive * (1 + 1e-9)
-        assert root.upper >= box_gradient_lower(graph, center, eps, samples=40) * (1 - 1e-9)
-        previous = root.upper
-    bab = lipcert.bound(graph, "local", "inf", center=center, eps=1.0, bab_time=math.inf,
-                        max_domains=300)
-    assert bab.upper <= previous * (1 + 1e-12)
-    assert bab.upper >= box_gradient_lower(graph, center, 1.0, samples=60) * (1 - 1e-9)
+    check_growing_boxes(graph, "inf", center, (0.0, 0.05, 0.3, 1.0), 40, 60, 300)
 
 
 @pytest.mark.parametrize("g,seed,eps", [(2, 0, 0.5), (4, 1, 0.25), (3, 2, 0.5)])

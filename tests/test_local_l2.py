@@ -5,7 +5,6 @@ eps 0, never above naive's global l2 bound, and ``certify --method local --norm 
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from click.testing import CliRunner
 from helpers import MODELS, random_mlp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_local import box_gradient_lower, exact_bound
+from test_local import box_gradient_lower, check_growing_boxes, exact_bound
 
 import lipcert
 from lipcert.cli import cli
@@ -46,18 +45,7 @@ def test_eps_zero_equals_autograd():
 def test_random_nets_sound_monotone_and_below_naive(act, seed, n_out):
     graph = random_mlp([3, 6, 6, n_out], ACTS[act], seed)
     center = np.random.default_rng(seed).uniform(-1, 1, 3)
-    naive = lipcert.bound(graph, "naive", "2").upper
-    previous = 0.0
-    for eps in (0.0, 0.05, 0.3, 1.0):
-        root = lipcert.bound(graph, "local", "2", center=center, eps=eps, bab_time=0)
-        assert root.upper >= previous * (1 - 1e-9)
-        assert root.upper <= naive * (1 + 1e-9)
-        assert root.upper >= box_operator_lower(graph, center, eps, samples=30) * (1 - 1e-9)
-        previous = root.upper
-    bab = lipcert.bound(graph, "local", "2", center=center, eps=1.0, bab_time=math.inf,
-                        max_domains=200)
-    assert bab.upper <= previous * (1 + 1e-12)
-    assert bab.upper >= box_operator_lower(graph, center, 1.0, samples=40) * (1 - 1e-9)
+    check_growing_boxes(graph, "2", center, (0.0, 0.05, 0.3, 1.0), 30, 40, 200)
 
 
 def test_certify_local_l2_beats_the_global_bounds_on_digits(tmp_path):
