@@ -460,3 +460,27 @@ def test_block_certificate_agrees_with_the_dense_matrix():
             assert cholesky_runs(negated(blocks), shift) == dense_ok
         # multipliers that leave the hidden block indefinite give no Schur complement
         assert input_schur(lmi_blocks(weights, slopes, 1e-6 * lam)) is None
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_multipliers_or_weights_give_no_certificate(bad):
+    """A NaN or infinite multiplier, or weight, gives no certified value on the block path,
+    from the barrier method or from any fixed multipliers: never a number."""
+    from lipcert.estimators.lipsdp.certificate import certify_multipliers, estimate_rho
+    from lipcert.estimators.lipsdp.lmi import feasible_start
+    from lipcert.estimators.lipsdp.subchains import bound_subchain
+
+    rng = np.random.default_rng(7)
+    weights = [rng.standard_normal(s) for s in [(6, 4), (5, 6), (2, 5)]]
+    slopes = [(0.0, 1.0), (0.0, 1.0)]
+    lam = feasible_start(weights, slopes)
+    assert certify_multipliers(weights, slopes, lam)[0] is not None
+    broken = lam.copy()
+    broken[3] = bad
+    if bad != -math.inf:  # -inf is clipped to 0 (multipliers are >= 0), still a proof
+        assert certify_multipliers(weights, slopes, broken)[0] is None
+    assert estimate_rho(weights, slopes, broken) is None or bad == -math.inf
+    poisoned = [w.copy() for w in weights]
+    poisoned[1][2, 3] = bad
+    assert certify_multipliers(poisoned, slopes, lam)[0] is None
+    assert bound_subchain(poisoned, slopes, "neuron", "barrier", 10)[0] is None

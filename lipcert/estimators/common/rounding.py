@@ -11,6 +11,12 @@ import math
 import numpy as np
 
 EPS = float(np.finfo(np.float64).eps)
+UNIT_ROUNDOFF = EPS / 2  # u = 2^-53: |fl(a op b) - a op b| <= u |a op b|
+
+
+def gamma(n: int) -> float:
+    """gamma_n = n u / (1 - n u) (Higham, Accuracy and Stability, 2nd ed., Lemma 3.1)."""
+    return n * UNIT_ROUNDOFF / (1.0 - n * UNIT_ROUNDOFF)
 
 
 def up(x: float) -> float:

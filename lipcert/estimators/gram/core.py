@@ -26,7 +26,7 @@ import math
 import numpy as np
 import torch
 
-U = 2.0**-53  # unit roundoff of float64
+from ..common.rounding import UNIT_ROUNDOFF as U
 
 
 def _gamma(n: int) -> float:

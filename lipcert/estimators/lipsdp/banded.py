@@ -14,14 +14,12 @@ import math
 import numpy as np
 import scipy.linalg as sla
 
+from ..common.rounding import UNIT_ROUNDOFF as U
+from ..common.rounding import gamma
 from .lmi import BlockTridiagonal
 
-U = 2.0**-53
-_FAILED = (np.linalg.LinAlgError, sla.LinAlgError, ValueError)  # ValueError: NaN or inf
-
-
-def _gamma(n: int) -> float:
-    return n * U / (1.0 - n * U)
+#: what scipy/numpy raise when a factorisation fails (ValueError: NaN or inf entries)
+LINALG_FAILED = (np.linalg.LinAlgError, sla.LinAlgError, ValueError)
 
 
 def negated(m: BlockTridiagonal) -> BlockTridiagonal:
@@ -59,7 +57,7 @@ def cholesky_runs(m: BlockTridiagonal, shift: float) -> bool:
             if k < len(m.sub):
                 below = sla.solve_triangular(chol, m.sub[k].T, lower=True,
                                              check_finite=True).T
-        except _FAILED:
+        except LINALG_FAILED:
             return False
     return True
 
@@ -70,7 +68,7 @@ def proves_positive_definite(a: BlockTridiagonal, formation_error: float) -> boo
     floating-point Cholesky of A - c I runs with c >= gamma_{n+1} / (1 - 2 gamma_{n+1})
     trace(A) (no underflow), plus the formation error."""
     n = sum(a.sizes())
-    g = _gamma(n + 1)
+    g = gamma(n + 1)
     c = g / (1.0 - 2.0 * g) * max(trace(a), 0.0) + formation_error
     c = math.nextafter(c * (1.0 + 4 * U), math.inf)
     if not math.isfinite(c):
@@ -94,7 +92,7 @@ def input_schur(m: BlockTridiagonal, xp=np):
             try:
                 chol = sla.cholesky(-schur, lower=True, check_finite=True)
                 y = sla.solve_triangular(chol, m.sub[k - 1], lower=True, check_finite=True)
-            except _FAILED:
+            except LINALG_FAILED:
                 return None
         else:
             chol, info = xp.linalg.cholesky_ex(-schur)

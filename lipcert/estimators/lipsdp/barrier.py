@@ -28,10 +28,10 @@ import scipy.linalg as sla
 import scipy.sparse as sp
 
 from ..common.progress import report
+from .banded import LINALG_FAILED
 from .certificate import estimate_rho
 from .lmi import GroupQC, assemble, feasible_start, nonneg_mask, parameter_groups
 
-_FAILED = (np.linalg.LinAlgError, sla.LinAlgError, ValueError)
 SINGLE_THREAD_SIZE = 400
 PENALTY = 1e-9
 MU = 10.0  # t grows by this factor per centring (bench/lipsdp.py measures the choice)
@@ -156,7 +156,7 @@ class _Problem:
         n[np.arange(self.n0), np.arange(self.n0)] += x[:self.n_rho]
         try:
             return sla.cholesky((n + n.T) / 2, lower=True, check_finite=True)
-        except _FAILED:
+        except LINALG_FAILED:
             return None
 
     def barrier(self, x: np.ndarray, chol) -> float:
@@ -182,7 +182,7 @@ def _newton_direction(hess: np.ndarray, grad: np.ndarray) -> np.ndarray:
     h = scale[:, None] * hess * scale[None, :]
     try:
         y = sla.cho_solve(sla.cho_factor(h, lower=True), -scale * grad)
-    except _FAILED:
+    except LINALG_FAILED:
         y = np.linalg.lstsq(h, -scale * grad, rcond=None)[0]
     return scale * y
 
@@ -235,7 +235,7 @@ def _line_search(prob: _Problem, x, chol, dx, t: float, decrement: float):
     else:
         return x, chol, False
     best = (value(trial, tchol), trial, tchol)
-    while step == 1.0 or 1.0 < step < 64.0:
+    while step == 1.0 or 1.0 < step < 64.0:  # longer steps only after a full one
         step *= 2.0
         longer = x + step * dx
         lchol = prob.factor(longer)

@@ -17,6 +17,7 @@ from typing import Any  # noqa: F401
 import numpy as np
 
 from ..common.progress import report
+from ..common.rounding import UNIT_ROUNDOFF as U
 from ..common.rounding import mul_up, sum_up
 from .banded import (
     frobenius,
@@ -27,7 +28,6 @@ from .banded import (
 )
 from .lmi import BlockTridiagonal, feasible_start, lmi_blocks, lmi_size, nonneg_mask
 
-U = 2.0**-53
 
 def _with_input_block(m: BlockTridiagonal, first: np.ndarray, first_sub) -> BlockTridiagonal:
     return BlockTridiagonal([first, *m.diag[1:]], [first_sub, *m.sub[1:]])
@@ -95,6 +95,8 @@ def certify_and_repair(weights, slopes, lam, tau=None):
     is convex in (rho, T), so the mixture is strictly feasible and its rho* is close (linf:
     the input weights are mixed towards uniform ones the same way; their scale s* is
     recomputed in any case)."""
+    if not all(np.all(np.isfinite(w)) for w in weights):
+        return None, "a weight is NaN or infinite: no certificate", None
     lam = np.asarray(lam, dtype=np.float64)
     lam = np.where(nonneg_mask(weights, slopes), np.maximum(lam, 0.0), lam)
     size = lmi_size(weights)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .certificate import certify_and_repair
-from .lmi import _compress, has_output_connections, lmi_components, rescale
+from .lmi import _compress, has_output_connections, rescale
 from .proposers import (
     SCS_AUTO_SECONDS,
     _eclipse_certificate,
@@ -41,6 +41,11 @@ def bound_subchain(weights: list[np.ndarray], slopes: list, form: str, solver: s
     linf bounds each output row on its own (one SDP with input weights diag(tau) each) and
     takes the largest; the input is not compressed there (linf is not rotation invariant)."""
     t0 = time.perf_counter()
+    if not all(np.all(np.isfinite(w)) for w in weights):  # the importer refuses these too
+        return None, {"hidden_neurons": sum(w.shape[0] for w in weights[:-1]),
+                      "build_s": 0.0, "solve_s": 0.0, "check_s": 0.0, "proposers": [],
+                      "solver_status": {}, "certificate": "a weight is NaN or infinite: "
+                                                          "no certificate"}
     if not slopes:  # a single affine map (the tail of a split chain)
         return affine_norm(weights[0], norm), {
             "hidden_neurons": 0, "build_s": 0.0, "solve_s": 0.0,
@@ -58,10 +63,9 @@ def bound_subchain(weights: list[np.ndarray], slopes: list, form: str, solver: s
         rows = [(r, r) for r in ([*scaled[:-1], scaled[-1][j:j + 1]]
                                  for j in range(scaled[-1].shape[0]))]
     size = rows[0][0][0].shape[1] + n_hidden
-    split_lmi = len(lmi_components(rows[0][0], slopes)) > 1
     auto = solver == "auto" and form != "eclipse-fast"
     proposers = ["eclipse-fast"] if form == "eclipse-fast" else \
-        auto_proposers(size, n_hidden, split_lmi, norm, slopes) if auto else [solver]
+        auto_proposers(n_hidden, norm, slopes) if auto else [solver]
     info = {"hidden_neurons": n_hidden, "lmi_size": size, "build_s": t1 - t0, "solve_s": 0.0,
             "check_s": 0.0, "proposers": list(proposers), "solver_status": {},
             "certificate": "no proposal"}
