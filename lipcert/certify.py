@@ -349,7 +349,8 @@ def _sample_task(payload: dict[str, Any], i: int) -> list[float]:
     others = _others(label, payload["n_classes"])
     lips, _, _ = _box_bounds(payload["graph"], payload["method"], payload["norm"],
                              payload["x"][i], payload["eps"], label, others,
-                             payload["n_classes"], payload["options"])
+                             payload["n_classes"], payload["options"],
+                             payload.get("targets_of", {}).get(i))
     return [float(v) for v in lips]
 
 
@@ -446,8 +447,10 @@ def _certify_samples(graph, x, y, eps, method, norm, options, progress, self_che
     radii = np.zeros(len(x))
     margins, diffs_of = _margins(ev, y, n_classes)
     if box_scoped:
+        # the bound each pair needs for radius eps: branch-and-bound stops once all are met
+        targets_of = {i: d / eps * (1.0 - 1e-12) for i, d in diffs_of.items()}
         lips_of = _box_bounds_of(graph, x, y, eps, method, norm, options, n_classes,
-                                 sorted(diffs_of), where, ckpt, progress)
+                                 sorted(diffs_of), where, ckpt, progress, targets_of)
         pair_bounds = np.zeros((n_classes, n_classes))
     else:
         pair_bounds = _global_pair_bounds(graph, method, norm, options, progress, self_check,
@@ -515,7 +518,8 @@ def _self_check(graph: Graph, cert: Certification, x: np.ndarray,
 
 
 def _box_bounds_of(graph, x, y, eps, method, norm, options, n_classes, todo: list[int],
-                   where: tuple, ckpt, progress) -> dict[int, list[float]]:
+                   where: tuple, ckpt, progress,
+                   targets_of: dict[int, np.ndarray] | None = None) -> dict[int, list[float]]:
     """Per-sample bounds for the samples ``todo``: from the checkpoint where it has them,
     the others computed (in ``workers`` processes) and appended to it as they finish."""
     wanted = set(todo)
@@ -528,7 +532,7 @@ def _box_bounds_of(graph, x, y, eps, method, norm, options, n_classes, todo: lis
         ckpt.resumed = len(found)
     missing = [i for i in todo if i not in found]
     payload = {"graph": graph, "x": x, "y": y, "eps": eps, "method": method, "norm": norm,
-               "options": options, "n_classes": n_classes}
+               "options": options, "n_classes": n_classes, "targets_of": targets_of or {}}
     if progress:
         progress(len(found), len(todo))
     for i, bounds, seconds, worker in run_samples(_sample_task, payload, missing, *where):
@@ -557,11 +561,15 @@ def _box(x: np.ndarray, eps: float, options: dict) -> tuple[np.ndarray, np.ndarr
 
 
 def _box_bounds(graph: Graph, method: str, norm: str, x: np.ndarray, eps: float, label: int,
-                others: np.ndarray, n_classes: int, options: dict):
+                others: np.ndarray, n_classes: int, options: dict,
+                targets: np.ndarray | None = None):
     """Bounds on ||grad (f_y - f_j)|| over the sample's own box, one per other class j; also
-    the box and the query rows (checked for all samples together afterwards)."""
+    the box and the query rows (checked for all samples together afterwards). ``targets``:
+    the bounds that would certify radius eps (the method may stop refining once met)."""
     c = _queries(label, others, n_classes)
     region = {**options, "center": x.reshape(-1), "eps": eps, "queries": c}
+    if targets is not None and get_estimator(method).takes_targets:
+        region["targets"] = np.asarray(targets, dtype=np.float64)
     result = _bound_or_raise(run_estimator(graph, method, norm, self_check=False, **region),
                              method)
     lips = result.per_query if result.per_query is not None else [result.upper] * len(others)

@@ -12,12 +12,13 @@ from torch import nn
 
 import lipcert
 from lipcert.estimators.gram import core as G
+from lipcert.estimators.gram import exact_conv as E
 from lipcert.estimators.gram.estimator import GramEstimator, merged_residual_conv
 from lipcert.ir import evaluate
 from lipcert.ir import ops as O
 
 EST = GramEstimator()
-NO_UNROLL = {"unroll_min_side": 0}
+NO_UNROLL = {"unroll_min_side": 0, "exact_max_side": 0}
 
 
 def _exact(op, in_shape):
@@ -71,10 +72,15 @@ def test_conv_bound_sound_and_within_one_percent(case):
     value, best, cands = _bound(op, shape)
     assert value >= exact * (1 - 1e-12), (best, cands)
     assert value <= exact * 1.01 + 1e-300, (best, cands)
-    # the Gram candidate alone (circular embedding) must be sound too; a 1x1 conv gets its
-    # exact channel-matrix norm instead of Gram iteration
-    alone = cands["1x1"] if op.weight.shape[2:] == (1, 1) else cands["gram"]
-    assert alone >= exact * (1 - 1e-12)
+    # the circular candidate alone must be sound too (both ways of bounding its blocks); a
+    # 1x1 conv gets its exact channel-matrix norm instead
+    if op.weight.shape[2:] == (1, 1):
+        assert cands["1x1"] >= exact * (1 - 1e-12)
+    else:
+        assert cands.get("exact", exact) >= exact
+        for spectral in ("eigh", "gram"):
+            _, _, alone = _bound(op, shape, exact_max_side=0, spectral=spectral)
+            assert alone["circular" if spectral == "eigh" else "gram"] >= exact
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=FILTERED)
@@ -83,8 +89,11 @@ def test_gram_circular_candidate_is_sound(case):
     usable = _usable_case(case, 1200)
     assume(usable is not None)
     op, shape = usable
-    gram = G.conv_gram_bound(op.weight, shape[2:], op.stride, op.pads, op.dilation, op.groups)
-    assert gram >= _exact(op, shape) * (1 - 1e-12)
+    exact = _exact(op, shape)
+    for spectral in G.SPECTRAL:
+        circular = G.conv_circular_bound(op.weight, shape[2:], op.stride, op.pads, op.dilation,
+                                         op.groups, spectral=spectral)
+        assert circular >= exact * (1 - 1e-12)
 
 
 @pytest.mark.parametrize("name,weight,shape,pads", [
@@ -105,8 +114,10 @@ def test_conv_regressions(name, weight, shape, pads):
     for options in ({}, NO_UNROLL):
         value, best, cands = _bound(op, shape, **options)
         assert np.isfinite(value) and value >= exact * (1 - 1e-12), (name, cands)
-    gram = G.conv_gram_bound(weight, shape[2:], (1, 1), pads, (1, 1), 1)
-    assert gram >= exact * (1 - 1e-12) and np.isfinite(gram)
+    for spectral in G.SPECTRAL:
+        circular = G.conv_circular_bound(weight, shape[2:], (1, 1), pads, (1, 1), 1,
+                                         spectral=spectral)
+        assert circular >= exact * (1 - 1e-12) and np.isfinite(circular)
 
 
 @pytest.mark.parametrize("shape", [(3, 200), (64, 64), (1, 5), (300, 2)])
@@ -187,3 +198,93 @@ def test_gram_below_naive_on_shared_conv_models(name):
     assert gram.upper <= naive.upper * (1 + 1e-12)
     if name in ("resnet_2b.onnx", "cifar_base_kw.onnx"):
         assert gram.upper < 0.9 * naive.upper
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=FILTERED)
+@given(case=conv_cases)
+def test_exact_conv_candidate_is_tight_and_sound(case):
+    usable = _usable_case(case, 1024)
+    assume(usable is not None and usable[0].weight.shape[2:] != (1, 1))
+    op, shape = usable
+    exact = _exact(op, shape)
+    out = tuple(evaluate.apply(op, torch.zeros(shape, dtype=torch.float64)).shape)
+    value = E.exact_conv_norm(op.weight, shape[2:], out[2:], op.stride, op.pads, op.dilation,
+                              op.groups, 1024)
+    assert exact <= value <= exact * (1 + 1e-5) + 1e-300
+
+
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_gram_matrix_of_the_operator_matches_the_unrolled_one(side):
+    rng = np.random.default_rng(4)
+    op = O.Conv(rng.standard_normal((3, 2, 3, 2)), None, (2, 1), (1, 0, 2, 1), (1, 2), 1)
+    shape = (1, 2, 7, 6)
+    out = tuple(evaluate.apply(op, torch.zeros(shape, dtype=torch.float64)).shape)
+    w = unrolled(lambda x: evaluate.apply(op, x), shape)  # (outputs, inputs), (c, h, w) order
+
+    def by_position(m, c, hw):  # reorder (channel, position) rows/cols to (position, channel)
+        idx = np.arange(c * hw).reshape(c, hw).T.reshape(-1)
+        return m[np.ix_(idx, idx)]
+
+    inc = E.conv_incidence(shape[2:], out[2:], (3, 2), op.stride, op.pads, op.dilation)
+    h, error = E.gram_matrix(op.weight, inc, shape[2] * shape[3], side)
+    truth = by_position(w.T @ w, 2, 42) if side == "input" else by_position(w @ w.T, 3,
+                                                                              out[2] * out[3])
+    assert np.abs(h - truth).max() <= error
+
+
+def test_certificate_refuses_an_estimate_below_the_largest_eigenvalue():
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((300, 300))
+    h = a @ a.T
+    top = float(np.linalg.eigvalsh(h)[-1])
+    assert E.certify_below(h.copy(), 0.0, 0.9 * top) is None  # 0.9 (1 + 1e-2) < 1
+    s = E.certify_below(h.copy(), 0.0, top)
+    assert s is not None and top < s <= top * (1 + 1e-6)
+    # the formation error widens s (sound for every matrix within it) but never enough to
+    # cover a low estimate
+    assert E.certify_below(h.copy(), 0.01 * top, 0.5 * top) is None
+    s = E.certify_below(h.copy(), 0.01 * top, top)
+    assert s is not None and s >= 1.01 * top
+
+
+def test_exact_candidate_beats_the_circular_embedding_on_small_inputs():
+    rng = np.random.default_rng(6)
+    op = O.Conv(rng.standard_normal((16, 16, 3, 3)), None, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    shape = (1, 16, 4, 4)
+    exact = _exact(op, shape)
+    value, best, cands = _bound(op, shape)
+    _, _, circ = _bound(op, shape, exact_max_side=0)
+    assert best == "exact" and exact <= value <= exact * (1 + 1e-6)
+    assert circ["circular"] > 1.03 * exact  # the gap the exact candidate closes
+
+
+@pytest.mark.parametrize("complex_", [False, True])
+@pytest.mark.parametrize("scale", [1e-160, 1.0, 1e160])
+def test_certified_block_max_is_tight_and_sound(complex_, scale):
+    rng = np.random.default_rng(7)
+    for shape in [(40, 6, 9), (3, 30, 30), (7, 1, 5), (5, 17, 2)]:
+        a = rng.standard_normal(shape)
+        if complex_:
+            a = a + 1j * rng.standard_normal(shape)
+        a[0] = 0.0  # a zero block
+        a[-1] *= 3.0  # a clear maximum; and rank-deficient blocks below
+        a[1] = np.outer(a[1][:, 0], a[1][0])
+        truth = max(np.linalg.svd(b, compute_uv=False)[0] for b in a)
+        value = G.certified_block_max(torch.as_tensor(a * scale))
+        assert truth * scale <= value <= truth * scale * (1 + 1e-8), (shape, value, truth)
+
+
+def test_certified_block_max_recovers_from_bad_estimates(monkeypatch):
+    """With useless estimates the first shift is wrong for most blocks: the certificate
+    must refuse them, and the retry must still end at the true maximum."""
+    rng = np.random.default_rng(8)
+    a = torch.as_tensor(rng.standard_normal((50, 12, 12)) * np.linspace(0.5, 2.0, 50)[:, None,
+                                                                                     None])
+    monkeypatch.setattr(G, "_rayleigh_estimates", lambda h: torch.zeros(h.shape[0],
+                                                                       dtype=torch.float64))
+    truth = float(torch.linalg.matrix_norm(a, 2).max())
+    value = G.certified_block_max(a, refine=1)
+    assert truth <= value <= truth * (1 + 1e-6)
+    bad = a.clone()
+    bad[3, 2, 2] = float("nan")
+    assert np.isnan(G.certified_block_max(bad))

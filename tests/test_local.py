@@ -211,3 +211,32 @@ def test_mnist_vnncomp_radius():
                         bab_time=math.inf, max_domains=300)
     naive = lipcert.bound(graph, "naive", "inf").upper
     assert bab.lower <= bab.upper <= root.upper < naive / 10
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bab_with_targets_stays_sound_and_stops_when_met_or_out_of_reach(seed):
+    """Certification's targets change only where the search works and when it stops: every
+    per-query bound stays above the exact MIP value; targets between the exact value and the
+    root bound are met, targets below an attained value stop the search as out of reach."""
+    from lipcert.estimators.local.estimator import local_bound
+
+    graph = random_mlp([4, 16, 16, 3], O.Relu(), seed)
+    center = np.random.default_rng(100 + seed).uniform(-1, 1, 4)
+    region = {"center": center, "eps": 0.3}
+    exact = lipcert.bound(graph, "exact", "inf", time_limit=math.inf, **region)
+    truth = np.array(exact.details["per_output"])
+    dag = build_affine_dag(graph, "local")
+    low, high = center - 0.3, center + 0.3
+    root = np.array(local_bound(dag, low, high, np.eye(3), bab_time=0).per_query)
+    assert np.all(root >= truth * (1 - 1e-7)) and np.any(root > truth * 1.01)
+    reachable = truth * 1.02 + 1e-9
+    met = local_bound(dag, low, high, np.eye(3), bab_time=math.inf, max_domains=200_000,
+                      targets=reachable)
+    assert met.stopped == "targets met", met.stopped
+    got = np.array(met.per_query)
+    assert np.all(got >= truth * (1 - 1e-7)) and np.all(got <= np.maximum(reachable, root))
+    too_low = truth * 0.5
+    out = local_bound(dag, low, high, np.eye(3), bab_time=math.inf, max_domains=200_000,
+                      targets=too_low)
+    assert out.stopped.startswith("a target is out of reach"), out.stopped
+    assert np.all(np.array(out.per_query) >= truth * (1 - 1e-7))

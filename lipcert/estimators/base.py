@@ -80,6 +80,9 @@ class Estimator:
     deadline: ClassVar[tuple[str, float] | None] = None
     #: settings that differ when the method certifies samples (one run per sample)
     certify_defaults: ClassVar[dict[str, Any]] = {}
+    #: True: given ``targets`` (one per query, the bounds a certificate needs) the method
+    #: may stop refining once they are met (its bounds stay valid either way)
+    takes_targets: ClassVar[bool] = False
 
     @property
     def accepts_region(self) -> bool:

@@ -320,6 +320,7 @@ class ExactEstimator(Estimator):
         time_limit = float(options.get("time_limit", 60.0))
         start = time.perf_counter()
         best_dual, best_inc, statuses = 0.0, 0.0, []
+        duals: list[float] = []
         rng = np.random.default_rng(0)
         n_out = layers[-1][0].shape[0]
         for i in range(n_out):  # an equal share of what is left for each remaining output
@@ -332,6 +333,7 @@ class ExactEstimator(Estimator):
                 layers, nudged(point, low, high, rng), i)
             best_dual, best_inc = max(best_dual, dual), max(best_inc, inc)
             statuses.append(status)
+            duals.append(dual)
         solved = all(s in ("optimal", "affine", "zero") for s in statuses)
         notes = [f"exact linf constant on the box {region['describe']} (HiGHS, tolerance "
                  "1e-9 relative gap): a reference value, not a float-rigorous certificate"]
@@ -344,5 +346,5 @@ class ExactEstimator(Estimator):
                          "kink is not attained): the true constant lies between the two")
         return Bound(method=self.name, norm=norm, upper=best_dual, lower=best_inc,
                      sound=False, scope="box", region=region, notes=notes,
-                     details={"relus": n_relu, "status": statuses})
+                     details={"relus": n_relu, "status": statuses, "per_output": duals})
 

@@ -16,7 +16,8 @@ from typing import Any
 from ..errors import InputError
 
 #: keys that describe the run, not the method: accepted by every method
-CONTEXT_KEYS = frozenset({"center", "eps", "domain", "queries", "progress", "device"})
+CONTEXT_KEYS = frozenset({"center", "eps", "domain", "queries", "targets", "progress",
+                          "device"})
 
 
 def setting(default: Any, help: str, *, minimum: float | None = None,

@@ -19,6 +19,19 @@ def gamma(n: int) -> float:
     return n * UNIT_ROUNDOFF / (1.0 - n * UNIT_ROUNDOFF)
 
 
+def rump_shift(n: int, trace: float, formation_error: float = 0.0) -> float:
+    """The shift c for Rump's test of positive definiteness ("Verification of positive
+    definiteness", BIT 2006, Thm 2.3): if the floating-point Cholesky factorisation of
+    fl(A) - c I runs to completion for an n x n symmetric fl(A) with
+    c >= gamma_{n+1} / (1 - 2 gamma_{n+1}) trace(fl(A)) (no underflow), then fl(A) is positive
+    definite, and so is every A with ||A - fl(A)||_2 <= formation_error once that is added to
+    c. Returns inf when no finite shift exists."""
+    g = gamma(n + 1)
+    c = g / (1.0 - 2.0 * g) * max(float(trace), 0.0) + float(formation_error)
+    c = math.nextafter(c * (1.0 + 4 * UNIT_ROUNDOFF), math.inf)
+    return c if math.isfinite(c) else math.inf
+
+
 def up(x: float) -> float:
     return math.nextafter(float(x), math.inf)
 

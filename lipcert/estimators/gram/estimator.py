@@ -1,10 +1,15 @@
 """The ``gram`` estimator: Gram-iteration spectral bounds per layer, composed along the DAG.
 
 Per layer it returns the minimum of the sound candidates and says which won:
-- ``gram``: Gram iteration (Delattre et al., ICML 2023) on the DFT blocks of the circular
-  embedding of the zero-padded, strided conv (see :mod:`gram_core`);
-- ``unrolled``: the exact SVD of the unrolled operator, when it is small (where the circular
-  embedding is loosest: small inputs);
+- ``circular``: the norm of the circular embedding of the zero-padded, strided conv, from
+  its DFT blocks (Delattre et al., ICML 2023, Sec. 4): each block's exact norm from batched
+  Hermitian eigenvalues with LAPACK's error margin (``spectral=eigh``, the default), or
+  ``gram``: Gram iteration on the blocks (``spectral=gram``); see :mod:`.core`;
+- ``exact``: for a conv whose smaller side is at most ``exact_max_side`` (where the circular
+  embedding is loosest: few positions), the operator's own norm, certified by Cholesky of
+  the shifted Gram matrix (:mod:`.exact_conv`), when its estimate shows the circular
+  candidate more than 0.5% above it;
+- ``unrolled``: the exact SVD of a small unrolled ConvTranspose or AvgPool;
 - ``reshaped`` / ``taps``: the size-independent bounds of the naive estimator;
 - ``1x1``: the exact norm of the channel matrix of a 1x1 convolution.
 Dense layers use the exact SVD (Gram iteration beyond the SVD size limit). A residual Add
@@ -29,10 +34,23 @@ from ..common import norms as N
 from ..common.rounding import mul_up
 from ..naive import MULTI, UNARY, propagate
 from ..settings import setting
-from .core import conv_gram_bound, dense_gram_bound
+from .core import SPECTRAL, conv_circular_bound, dense_gram_bound
+from .exact_conv import estimated_norm, exact_conv_norm
 
 UNROLL_MIN_SIDE = 1024
 UNROLL_MAX_ENTRIES = 4_000_000
+#: a Cholesky factorisation of this side costs ~1 s on a 2-core CPU (8192: ~5 s)
+EXACT_MAX_SIDE = 4096
+#: the exact candidate is certified only when the circular one is above it by this much
+EXACT_GAIN = 5e-3
+
+
+def _circular(weight, in_hw, stride, pads, dilation, groups, options) -> tuple[str, float]:
+    spectral = options.get("spectral", "eigh")
+    value = conv_circular_bound(weight, in_hw, stride, pads, dilation, groups,
+                                int(options.get("iterations", 10)),
+                                options.get("device", "cpu"), spectral)
+    return ("circular" if spectral == "eigh" else "gram"), value
 
 
 def _unrolled_norm(op: O.Op, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
@@ -51,26 +69,39 @@ def _unrolled_norm(op: O.Op, in_shape: tuple[int, ...], out_shape: tuple[int, ..
 
 
 def _conv_candidates(op: O.Conv, in_shape, out_shape, options) -> dict[str, float]:
-    it, dev = int(options.get("iterations", 10)), options.get("device", "cpu")
-    cands: dict[str, float] = {}
-    cheap, how = N.conv_l2_cheap(op.weight, op.stride, op.dilation, op.groups)
-    cands["taps" if "tap" in how else "reshaped"] = cheap
-    if op.weight.shape[2:] == (1, 1):  # exact: Gram iteration could only match it
-        cands["1x1"] = max(N.spectral_norm(op.weight[g * (op.weight.shape[0] // op.groups):
-                                                     (g + 1) * (op.weight.shape[0] // op.groups),
-                                                     :, 0, 0]) for g in range(op.groups))
-    else:
-        cands["gram"] = conv_gram_bound(op.weight, in_shape[2:], op.stride, op.pads,
-                                        op.dilation, op.groups, it, dev)
-    exact = _unrolled_norm(op, in_shape, out_shape, options)
+    """The circular candidate, and the exact one where it tightens by more than EXACT_GAIN.
+    The size-independent bounds of naive (reshaped kernel, sum of taps) are never below the
+    circular one (each DFT block is a phase-weighted sum of the taps), so they are not
+    computed. A 1x1 conv gets its channel matrix's norm."""
+    if op.weight.shape[2:] == (1, 1):
+        per = op.weight.shape[0] // op.groups
+        return {"1x1": max(N.spectral_norm(op.weight[g * per:(g + 1) * per, :, 0, 0])
+                           for g in range(op.groups))}
+    name, circular = _circular(op.weight, in_shape[2:], op.stride, op.pads, op.dilation,
+                               op.groups, options)
+    cands = {name: circular}
+    max_side = int(options.get("exact_max_side", EXACT_MAX_SIDE))
+    per_group = op.weight.shape[0] // op.groups
+    side = min(op.weight.shape[1] * in_shape[2] * in_shape[3],
+               per_group * out_shape[2] * out_shape[3])
+    if side > max_side:
+        return cands
+    # a matrix-free Lanczos estimate (cheap) shows whether the circular bound has room to
+    # tighten; the exact candidate's own estimate checks again before its factorisation
+    estimate = estimated_norm(op.weight, in_shape[2:], op.stride, op.pads, op.dilation,
+                              op.groups)
+    if not circular > estimate * (1.0 + EXACT_GAIN):
+        return cands
+    exact = exact_conv_norm(op.weight, in_shape[2:], out_shape[2:], op.stride, op.pads,
+                            op.dilation, op.groups, max_side,
+                            unless_within=circular / (1.0 + EXACT_GAIN))
     if exact is not None:
-        cands["unrolled"] = exact
+        cands["exact"] = exact
     return cands
 
 
 def _conv_transpose_candidates(op: O.ConvTranspose, in_shape, out_shape, options):
     # ConvTranspose = crop . (adjoint of a valid conv with the same weight on the full output)
-    it, dev = int(options.get("iterations", 10)), options.get("device", "cpu")
     kh, kw = op.weight.shape[2:]
     full = tuple((n - 1) * s + (k - 1) * d + 1 + p for n, s, k, d, p in
                  zip(in_shape[2:], op.stride, (kh, kw), op.dilation, op.output_padding,
@@ -78,8 +109,9 @@ def _conv_transpose_candidates(op: O.ConvTranspose, in_shape, out_shape, options
     cands: dict[str, float] = {}
     cheap, how = N.conv_l2_cheap(op.weight, op.stride, op.dilation, op.groups)
     cands["taps" if "tap" in how else "reshaped"] = cheap
-    cands["gram"] = conv_gram_bound(op.weight, full, op.stride, (0, 0, 0, 0), op.dilation,
-                                    op.groups, it, dev)
+    name, value = _circular(op.weight, full, op.stride, (0, 0, 0, 0), op.dilation, op.groups,
+                            options)
+    cands[name] = value
     exact = _unrolled_norm(op, in_shape, out_shape, options)
     if exact is not None:
         cands["unrolled"] = exact
@@ -95,9 +127,8 @@ def _avg_pool_candidates(op: O.AvgPool, in_shape, out_shape, options):
         tuple(out_shape)
     if same_as_conv:  # a depthwise conv with one constant kernel: its norm is the 1-channel one
         kernel = np.full((1, 1, *op.kernel), 1.0 / (op.kernel[0] * op.kernel[1]))
-        cands["gram"] = conv_gram_bound(kernel, in_shape[2:], op.stride, op.pads, (1, 1), 1,
-                                        int(options.get("iterations", 10)),
-                                        options.get("device", "cpu"))
+        name, value = _circular(kernel, in_shape[2:], op.stride, op.pads, (1, 1), 1, options)
+        cands[name] = value
     exact = _unrolled_norm(op, in_shape, out_shape, options)
     if exact is not None:
         cands["unrolled"] = exact
@@ -201,10 +232,17 @@ def merged_residual_conv(node: Node, graph: Graph) -> tuple[str, O.Conv] | None:
 
 @dataclass(frozen=True)
 class GramSettings:
-    iterations: int = setting(10, "Gram iterations per frequency block (the bound decreases "
-                                  "with each)", minimum=1)
-    unroll_min_side: int = setting(UNROLL_MIN_SIDE, "exact SVD of the unrolled conv when its "
-                                                    "smaller side is at most this", minimum=0)
+    spectral: str = setting("eigh", "norm of each DFT block of a circular embedding: eigh "
+                                    "(exact, batched eigenvalues with error margin) or gram "
+                                    "(Gram iteration)", choices=SPECTRAL)
+    iterations: int = setting(10, "Gram iterations per frequency block with spectral=gram "
+                                  "(the bound decreases with each)", minimum=1)
+    exact_max_side: int = setting(EXACT_MAX_SIDE, "certified norm of the conv operator itself "
+                                                  "(Cholesky of its Gram matrix) when its "
+                                                  "smaller side is at most this", minimum=0)
+    unroll_min_side: int = setting(UNROLL_MIN_SIDE, "exact SVD of an unrolled ConvTranspose "
+                                                    "or AvgPool when its smaller side is at "
+                                                    "most this", minimum=0)
     unroll_max_entries: int = setting(UNROLL_MAX_ENTRIES, "... and it has at most this many "
                                                           "entries", minimum=0)
 
@@ -213,8 +251,9 @@ class GramSettings:
 class GramEstimator(Estimator):
     name = "gram"
     settings = GramSettings
-    summary = ("Gram-iteration bounds for convolutions (circular embedding, sound for zero "
-               "padding and stride), exact SVD for dense layers, merged linear residuals")
+    summary = ("spectral bounds for convolutions (circular embedding, sound for zero padding "
+               "and stride; certified exact norm for small inputs), exact SVD for dense "
+               "layers, merged linear residuals")
     norms = ("2",)
     handlers = {**UNARY, **MULTI}
 

@@ -14,8 +14,7 @@ import math
 import numpy as np
 import scipy.linalg as sla
 
-from ..common.rounding import UNIT_ROUNDOFF as U
-from ..common.rounding import gamma
+from ..common.rounding import rump_shift
 from .lmi import BlockTridiagonal
 
 #: what scipy/numpy raise when a factorisation fails (ValueError: NaN or inf entries)
@@ -67,10 +66,7 @@ def proves_positive_definite(a: BlockTridiagonal, formation_error: float) -> boo
     definite (Rump, "Verification of positive definiteness", BIT 2006, Thm 2.3): the
     floating-point Cholesky of A - c I runs with c >= gamma_{n+1} / (1 - 2 gamma_{n+1})
     trace(A) (no underflow), plus the formation error."""
-    n = sum(a.sizes())
-    g = gamma(n + 1)
-    c = g / (1.0 - 2.0 * g) * max(trace(a), 0.0) + formation_error
-    c = math.nextafter(c * (1.0 + 4 * U), math.inf)
+    c = rump_shift(sum(a.sizes()), trace(a), formation_error)
     if not math.isfinite(c):
         return False
     return cholesky_runs(a, c)

@@ -171,23 +171,47 @@ def _infeasible(value: float) -> bool:
 
 
 class _Search:
-    """The state of one best-first search: open domains (a heap on -upper), closed leaves,
-    the best attained value, and counters."""
+    """The state of one best-first search: open domains (a heap on -upper, or with targets on
+    -upper / target), closed leaves, the best attained value, and counters.
 
-    def __init__(self, problem: LocalProblem, n_q: int):
+    With ``targets`` t_q (certification: the sample is certified when every query's bound is
+    at most its t_q), a domain whose bound is already at most t_q is settled: it is kept only
+    as a closed value, never split. A leaf above t_q, or a value attained above it, means
+    the query cannot get below t_q by this method (``hopeless``)."""
+
+    def __init__(self, problem: LocalProblem, n_q: int, targets: np.ndarray | None = None):
         self.problem = problem
         self.heap: list[tuple[float, int, Domain]] = []
         self.counter = itertools.count()
         self.closed = -np.inf  # largest bound of a domain that cannot be split further
         self.lower = -np.inf  # largest attained value (a feasible leaf)
         self.per_query_closed = [-np.inf] * n_q
+        self.per_query_lower = [-np.inf] * n_q
         self.visited, self.checked, self.pruned = n_q, 0, 0
+        self.targets = None if targets is None else np.asarray(targets, dtype=np.float64)
+        self.hopeless = False
+
+    def _priority(self, dom: Domain) -> float:
+        if self.targets is None:
+            return dom.upper
+        target = self.targets[dom.query]
+        return dom.upper / target if target > 0 else math.inf
+
+    def _settle(self, dom: Domain) -> None:
+        self.closed = max(self.closed, dom.upper)
+        self.per_query_closed[dom.query] = max(self.per_query_closed[dom.query], dom.upper)
 
     def push(self, dom: Domain) -> None:
-        heapq.heappush(self.heap, (-dom.upper, next(self.counter), dom))
+        # written so that NaN fails: only a bound proven <= its target is settled
+        if self.targets is not None and dom.upper <= self.targets[dom.query]:
+            self._settle(dom)
+            return
+        heapq.heappush(self.heap, (-self._priority(dom), next(self.counter), dom))
 
     def best(self) -> float:
-        return max(-self.heap[0][0] if self.heap else -np.inf, self.closed)
+        if self.targets is None:
+            return max(-self.heap[0][0] if self.heap else -np.inf, self.closed)
+        return max([dom.upper for _, _, dom in self.heap] + [self.closed])
 
     def gap_closed(self, rtol: float) -> bool:
         return self.lower > -np.inf and self.best() <= self.lower * (1 + rtol) + 1e-300
@@ -202,8 +226,11 @@ class _Search:
                 return
             if where == "interior":  # the pattern holds on an open set: attained
                 self.lower = max(self.lower, dom.upper)
-        self.closed = max(self.closed, dom.upper)
-        self.per_query_closed[dom.query] = max(self.per_query_closed[dom.query], dom.upper)
+                self.per_query_lower[dom.query] = max(self.per_query_lower[dom.query],
+                                                      dom.upper)
+        self._settle(dom)
+        if self.targets is not None and not dom.upper <= self.targets[dom.query]:
+            self.hopeless = True  # an unsplittable domain above its target
 
     def pop_batch(self, batch: int) -> list[Domain]:
         popped: list[Domain] = []
@@ -242,14 +269,17 @@ class _Search:
 
     def per_query(self, root: list[float]) -> list[float]:
         values = list(self.per_query_closed)
-        for neg, _, dom in self.heap:
-            values[dom.query] = max(values[dom.query], -neg)
+        for _, _, dom in self.heap:  # the heap key is a priority: read each domain's bound
+            values[dom.query] = max(values[dom.query], dom.upper)
         return [min(p, r) for p, r in zip(values, root, strict=True)]
 
 
 def _stop_reason(search: _Search, start: float, time_budget: float, max_domains: int,
                  rtol: float) -> str | None:
-    if search.gap_closed(rtol):
+    if search.targets is not None:
+        if search.hopeless:
+            return "a target is out of reach (a leaf or an attained value above it)"
+    elif search.gap_closed(rtol):
         return "gap closed"
     if time_budget <= 0:
         return "root bound only (no branching)"
@@ -262,15 +292,20 @@ def _stop_reason(search: _Search, start: float, time_budget: float, max_domains:
 
 def branch_and_bound(problem: LocalProblem, *, time_budget: float, max_domains: int = 200_000,
                      batch: int = 32, rtol: float = 1e-6,
-                     progress: Callable[[dict], None] | None = None) -> BabResult:
+                     progress: Callable[[dict], None] | None = None,
+                     targets: np.ndarray | None = None) -> BabResult:
     """Best-first branch-and-bound; returns a valid upper bound whenever it stops.
 
     Stops when the gap closes, after ``time_budget`` seconds (0: the root bound alone; inf:
-    no time limit) or after ``max_domains`` domains, whichever comes first."""
+    no time limit) or after ``max_domains`` domains, whichever comes first. With
+    ``targets`` (one per query: certification asks for bound_q <= t_q) the search works on
+    the domain farthest above its target first (the binding pair of the certificate), never
+    splits a domain already below its target, and stops as soon as every query is below its
+    target ("targets met") or one provably cannot be ("a target is out of reach")."""
     start = time.perf_counter()
     n_q = problem.c.shape[0]
     fwd, upper, branches = problem.evaluate(list(range(n_q)), None, None)
-    search = _Search(problem, n_q)
+    search = _Search(problem, n_q, targets)
     sizes = problem.dag.sizes[1:]
     for q in range(n_q):
         if not _infeasible(float(upper[q])):
@@ -294,6 +329,10 @@ def branch_and_bound(problem: LocalProblem, *, time_budget: float, max_domains: 
             last_report = now
             progress({"domains": search.visited, "open": len(search.heap),
                       "elapsed": now - start, "upper": search.best(), "lower": search.lower})
+    if targets is not None and search.hopeless:
+        stopped = "a target is out of reach (a leaf or an attained value above it)"
+    elif targets is not None and not search.heap:
+        stopped = "targets met"
     per_query = search.per_query(root)
     best = max(max(per_query) if per_query else 0.0, 0.0)
     lower = search.lower

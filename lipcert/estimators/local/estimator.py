@@ -52,7 +52,8 @@ def gradient_norms(dag: AffineDag, x: np.ndarray, c: np.ndarray,
 def local_bound(dag: AffineDag, low: np.ndarray, high: np.ndarray, c: np.ndarray, *,
                 bab_time: float = DEFAULT_BAB_TIME, max_domains: int = 200_000,
                 batch: int = 32, progress: Callable[[dict], None] | None = None,
-                max_entries: int = MAX_ENTRIES, norm: str = "inf") -> BabResult:
+                max_entries: int = MAX_ENTRIES, norm: str = "inf",
+                targets: np.ndarray | None = None) -> BabResult:
     """Bound max over the box [low, high] of ||grad c_q^T f||_1 (``norm`` "inf": the
     linf Lipschitz constant of c_q^T f) or ||grad c_q^T f||_2 (``norm`` "2") for every
     row c_q of c.
@@ -60,13 +61,14 @@ def local_bound(dag: AffineDag, low: np.ndarray, high: np.ndarray, c: np.ndarray
     GroupSort layers of ``dag`` are bounded through their sorting networks of ReLUs, and
     every bound is capped by :func:`gradient_cap` of ``dag`` itself (where GroupSort keeps
     its gain of 1). ``bab_time`` = 0 gives the root bound (bound propagation without
-    branching)."""
+    branching). ``targets``: one per row, the bounds certification needs (see
+    :func:`~.bab.branch_and_bound`)."""
     c = np.atleast_2d(c)
     cap = gradient_cap(dag, torch.as_tensor(c, dtype=torch.float64), norm)
     problem = LocalProblem(cached_expansion(dag, "local", max_entries), low, high, c, cap,
                            norm)
     return branch_and_bound(problem, time_budget=bab_time, max_domains=max_domains,
-                            batch=batch, progress=progress)
+                            batch=batch, progress=progress, targets=targets)
 
 
 def _progress_text(report: Callable[[str], None] | None) -> Callable[[dict], None] | None:
@@ -96,6 +98,7 @@ class LocalEstimator(Estimator):
     settings = LocalSettings
     deadline = ("bab_time", 0.5)
     certify_defaults = {"bab_time": 0.0}  # certify: bound propagation per sample
+    takes_targets = True
     summary = ("local linf or l2 bound on a box (x0 +- eps): Clarke-Jacobian bound "
                "propagation with branch-and-bound (Shi et al., NeurIPS 2022)")
     norms = ("inf", "2")
@@ -111,20 +114,26 @@ class LocalEstimator(Estimator):
         c = np.asarray(options["queries"], dtype=np.float64) if options.get(
             "queries") is not None else np.eye(n_out)
         bab_time = float(options.get("bab_time", DEFAULT_BAB_TIME))
-        result = local_bound(dag, low, high, c, bab_time=bab_time,
-                             max_domains=int(options.get("max_domains", 200_000)),
-                             batch=int(options.get("batch", 32)),
-                             progress=_progress_text(options.get("progress")),
-                             max_entries=max_entries, norm=norm)
-        root, upper, exact = result.root, result.upper, result.exact
-        lower = result.lower
         center = ((low + high) / 2 if options.get("center") is None else
                   np.clip(np.asarray(options["center"], dtype=np.float64).reshape(-1), low, high))
         # the gradient near the centre is attained (moved off kinks, where autograd's
         # one-sided derivatives need not be)
         witness = nudged(center, low, high, np.random.default_rng(0))
-        lower = max(lower, float(np.nan_to_num(gradient_norms(dag, witness, c, norm),
-                                               nan=0.0, posinf=0.0).max()))
+        attained = np.nan_to_num(gradient_norms(dag, witness, c, norm), nan=0.0, posinf=0.0)
+        targets = options.get("targets")
+        if targets is not None:
+            targets = np.asarray(targets, dtype=np.float64).reshape(-1)
+            if targets.shape != (c.shape[0],):
+                raise ValueError(f"targets: {targets.size} values for {c.shape[0]} queries")
+            if not np.all(attained <= targets):  # NaN fails: no branching toward a target
+                bab_time = 0.0  # that an attained value already exceeds
+        result = local_bound(dag, low, high, c, bab_time=bab_time,
+                             max_domains=int(options.get("max_domains", 200_000)),
+                             batch=int(options.get("batch", 32)),
+                             progress=_progress_text(options.get("progress")),
+                             max_entries=max_entries, norm=norm, targets=targets)
+        root, upper, exact = result.root, result.upper, result.exact
+        lower = max(result.lower, float(attained.max()))
         notes = [f"local constant on the box {region['describe']}: valid only inside it"]
         if norm == "2" and options.get("queries") is None and n_out > 1:
             # the Jacobian's operator norm from its rows: ||J||_2 <= ||J||_F
@@ -139,7 +148,7 @@ class LocalEstimator(Estimator):
         if exact:
             notes.append("branch-and-bound closed the gap: the bound is the exact local "
                          "constant (up to the LP tolerance of the leaf checks)")
-        elif bab_time > 0:
+        elif bab_time > 0 or targets is not None:
             notes.append(f"branch-and-bound stopped ({result.stopped}) after "
                          f"{result.domains} domains in {result.elapsed:.1f} s; root bound "
                          f"{root:.6g}")
