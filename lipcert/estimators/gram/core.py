@@ -188,14 +188,20 @@ def _cholesky_certifies(h: torch.Tensor, s: float, error: torch.Tensor) -> torch
     L L^* = B + dB, |dB| <= gamma |L| |L^*| (Higham, Thm 10.3) holds in complex arithmetic
     with gamma_{n+1} replaced by sqrt(2) gamma_{n+2} (complex inner products, Higham,
     Lemma 3.5); we take gamma_{4(n+2)}, larger. As in Rump's test (BIT 2006, Thm 2.3) this
-    gives lambda_min(B) >= -rho trace(B) when the factorisation runs, and trace(B) <= n s
-    (fl(H)_ii >= 0: sums of squares). With the diagonal rounded once,
+    gives lambda_min(B) >= -rho trace(B) when the factorisation runs, and
+    trace(B) <= n s + n max(0, -min_i fl(H)_ii) (plus the diagonal's rounding). With the
+    diagonal rounded once (LAPACK reads its real part and one triangle: the Hermitian
+    completion, within the same entrywise bound of H),
     s I - H = B + (fl(H) - H) + D, D_ii >= c_b - u (s + fl(H)_ii), so
     c_b = rho n s + error_b + 2 u (s + max_i fl(H_b)_ii) suffices (inflated for its own
     arithmetic)."""
     n = h.shape[-1]
     diag = torch.diagonal(h, dim1=-2, dim2=-1).real
-    shift = rump_shift(4 * (n + 2), n * s) + \
+    # trace(B) <= n s plus whatever a (rounding-)negative computed diagonal adds
+    negative = torch.clamp(-diag.min(dim=-1).values, min=0.0)
+    trace = (n * s + n * negative) * (1 + 4 * U) + n * 2 * U * (s + diag.max(dim=-1).values)
+    rho = rump_shift(4 * (n + 2), 1.0)  # rho * trace, for a unit trace
+    shift = rho * trace * (1 + 4 * U) + \
         (error + 2 * U * (s + diag.max(dim=-1).values)) * (1 + 8 * U)
     shift = shift * (1 + 1e-9)
     ok = shift < s

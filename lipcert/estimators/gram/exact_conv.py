@@ -158,10 +158,11 @@ def certify_below(h: np.ndarray, error: float, estimate: float) -> float | None:
     With B the stored matrix fl(s - c + (-h_ii)) on the diagonal and -h off it: if the
     floating-point Cholesky factorisation of B runs, lambda_min(B) > -rho trace(B) (Rump,
     BIT 2006, Thm 2.3; rho from :func:`~..common.rounding.rump_shift`), and
-    s I - H = B + (h - H) + D with D diagonal, D_ii >= c - u |B_ii| (one rounding per
-    diagonal entry). So s I - H is positive definite once
-    c > rho trace(B) + error + u max |B_ii|, which is checked on the stored B before it is
-    factored."""
+    s I - H = B + (h - H) + D with D diagonal, D_ii >= c - u (s + |B_ii|) (the roundings
+    of s - c and of each diagonal entry). So s I - H is positive definite once
+    c > rho trace(B) + error + u (s + max |B_ii|), which is checked on the stored B before
+    it is factored (only its lower triangle is read: the symmetric completion, within the
+    same entrywise bound of H)."""
     n = h.shape[0]
     u = np.finfo(np.float64).eps / 2
     base = max(estimate, 0.0) + 4.0 * error
@@ -176,7 +177,7 @@ def certify_below(h: np.ndarray, error: float, estimate: float) -> float | None:
         h.flat[::n + 1] = minus_diag + (s - shift)
         stored = h.flat[::n + 1]
         trace_up = up(float(np.sum(np.abs(stored))) * (1.0 + (n + 1) * 2 * u))
-        needed = rump_shift(n, trace_up, up(error + u * float(np.max(np.abs(stored)))))
+        needed = rump_shift(n, trace_up, up(error + u * (s + float(np.max(np.abs(stored))))))
         if not shift > needed:
             continue
         try:
