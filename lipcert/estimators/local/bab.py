@@ -186,7 +186,6 @@ class _Search:
         self.closed = -np.inf  # largest bound of a domain that cannot be split further
         self.lower = -np.inf  # largest attained value (a feasible leaf)
         self.per_query_closed = [-np.inf] * n_q
-        self.per_query_lower = [-np.inf] * n_q
         self.visited, self.checked, self.pruned = n_q, 0, 0
         self.targets = None if targets is None else np.asarray(targets, dtype=np.float64)
         self.hopeless = False
@@ -226,8 +225,6 @@ class _Search:
                 return
             if where == "interior":  # the pattern holds on an open set: attained
                 self.lower = max(self.lower, dom.upper)
-                self.per_query_lower[dom.query] = max(self.per_query_lower[dom.query],
-                                                      dom.upper)
         self._settle(dom)
         if self.targets is not None and not dom.upper <= self.targets[dom.query]:
             self.hopeless = True  # an unsplittable domain above its target
