@@ -79,6 +79,12 @@ def cli() -> None:
     """Certified Lipschitz bounds and robustness radii for ONNX neural networks."""
 
 
+#: run-context keys the Python API takes but -o cannot carry (arrays, callables), with the
+#: flag that sets them where there is one
+_NOT_OPTIONS = {"center": "--input/--index", "eps": "--eps", "queries": None,
+                "targets": None, "progress": None}
+
+
 def parse_options(raw: tuple[str, ...]) -> dict:
     """KEY=VALUE pairs; values are parsed as int, float or bool when they look like one."""
     from .errors import InputError
@@ -88,6 +94,12 @@ def parse_options(raw: tuple[str, ...]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise InputError(f"--option {item!r}: expected KEY=VALUE")
+        name = key.strip().replace("-", "_")
+        if name in _NOT_OPTIONS:
+            flag = _NOT_OPTIONS[name]
+            raise InputError(f"--option {item!r}: {name} is not a method setting"
+                             + (f"; use {flag}" if flag else
+                                " (the Python API takes it; the CLI sets it itself)"))
         parsed: object = value
         for cast in (int, float):
             try:

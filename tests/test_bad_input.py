@@ -197,6 +197,12 @@ def test_config_methods_string_is_a_list(tmp_path):
     (["compare", MLP, "--methods", "naive", "--timeout", "nan"], "--timeout"),
     (["bound", MLP, "-m", "local", "-n", "inf", "--input", DATA, "--index", "0", "--eps",
       "nan"], "eps"),
+    # run-context keys of the Python API are not -o settings (were internal errors)
+    (["bound", MLP, "-m", "local", "-n", "inf", "--input", DATA, "--index", "0", "--eps",
+      "0.01", "-o", "targets=1"], "targets is not a method setting"),
+    (["bound", MLP, "-m", "local", "-n", "inf", "--input", DATA, "--index", "0", "--eps",
+      "0.01", "-o", "queries=1"], "queries is not a method setting"),
+    (["bound", MLP, "-o", "eps=0.1"], "--eps"),
 ])
 def test_bad_options(args, expected):
     out = run_cli(args)

@@ -339,15 +339,6 @@ def conv_circular_bound(weight: np.ndarray, in_hw: tuple[int, int], stride: tupl
     return math.nextafter(best, math.inf)
 
 
-def conv_gram_bound(weight: np.ndarray, in_hw: tuple[int, int], stride: tuple[int, int],
-                    pads: tuple[int, int, int, int], dilation: tuple[int, int], groups: int,
-                    iterations: int = 10, device: str = "cpu") -> float:
-    """:func:`conv_circular_bound` with Gram iteration on every block (Delattre et al. 2023,
-    Algorithm 3, with error terms)."""
-    return conv_circular_bound(weight, in_hw, stride, pads, dilation, groups, iterations,
-                               device, spectral="gram")
-
-
 def dense_gram_bound(matrix: np.ndarray, iterations: int = 10, device: str = "cpu") -> float:
     a = torch.as_tensor(np.asarray(matrix, dtype=np.float64), device=device)[None]
     return math.nextafter(float(gram_spectral_bounds(a, iterations)[0]), math.inf)

@@ -2,15 +2,17 @@
 
 Per layer it returns the minimum of the sound candidates and says which won:
 - ``circular``: the norm of the circular embedding of the zero-padded, strided conv, from
-  its DFT blocks (Delattre et al., ICML 2023, Sec. 4): each block's exact norm from batched
-  Hermitian eigenvalues with LAPACK's error margin (``spectral=eigh``, the default), or
-  ``gram``: Gram iteration on the blocks (``spectral=gram``); see :mod:`.core`;
+  its DFT blocks (Delattre et al., ICML 2023, Sec. 4): their largest norm, certified by a
+  batched Cholesky test just above LAPACK's eigenvalues of the leading blocks
+  (``spectral=eigh``, the default), or ``gram``: Gram iteration on every block
+  (``spectral=gram``); see :mod:`.core`;
 - ``exact``: for a conv whose smaller side is at most ``exact_max_side`` (where the circular
   embedding is loosest: few positions), the operator's own norm, certified by Cholesky of
   the shifted Gram matrix (:mod:`.exact_conv`), when its estimate shows the circular
   candidate more than 0.5% above it;
 - ``unrolled``: the exact SVD of a small unrolled ConvTranspose or AvgPool;
-- ``reshaped`` / ``taps``: the size-independent bounds of the naive estimator;
+- ``reshaped`` / ``taps``: the size-independent bounds of the naive estimator (for a
+  ConvTranspose; for a conv the circular candidate is never above them);
 - ``1x1``: the exact norm of the channel matrix of a 1x1 convolution.
 Dense layers use the exact SVD (Gram iteration beyond the SVD size limit). A residual Add
 whose branches are linear convolutions of one value (or that value itself) is bounded as one
@@ -35,7 +37,7 @@ from ..common.rounding import mul_up
 from ..naive import MULTI, UNARY, propagate
 from ..settings import setting
 from .core import SPECTRAL, conv_circular_bound, dense_gram_bound
-from .exact_conv import estimated_norm, exact_conv_norm
+from .exact_conv import estimated_norm, exact_conv_norm, fits
 
 UNROLL_MIN_SIDE = 1024
 UNROLL_MAX_ENTRIES = 4_000_000
@@ -81,10 +83,7 @@ def _conv_candidates(op: O.Conv, in_shape, out_shape, options) -> dict[str, floa
                                op.groups, options)
     cands = {name: circular}
     max_side = int(options.get("exact_max_side", EXACT_MAX_SIDE))
-    per_group = op.weight.shape[0] // op.groups
-    side = min(op.weight.shape[1] * in_shape[2] * in_shape[3],
-               per_group * out_shape[2] * out_shape[3])
-    if side > max_side:
+    if not fits(op.weight.shape, in_shape[2:], out_shape[2:], op.groups, max_side):
         return cands
     # a matrix-free Lanczos estimate (cheap) shows whether the circular bound has room to
     # tighten; the exact candidate's own estimate checks again before its factorisation

@@ -188,6 +188,15 @@ def certify_below(h: np.ndarray, error: float, estimate: float) -> float | None:
     return None
 
 
+def fits(weight_shape: tuple[int, ...], in_hw: tuple[int, int], out_hw: tuple[int, int],
+         groups: int, max_side: int) -> bool:
+    """Whether :func:`exact_conv_norm` runs for this conv: each group's smaller side is at
+    most ``max_side``, and so are all groups' Gram matrices together (in entries, squared)."""
+    per_group = weight_shape[0] // groups
+    side = min(weight_shape[1] * in_hw[0] * in_hw[1], per_group * out_hw[0] * out_hw[1])
+    return side <= max_side and groups * side ** 2 <= max_side ** 2
+
+
 def exact_conv_norm(weight: np.ndarray, in_hw: tuple[int, int], out_hw: tuple[int, int],
                     stride: tuple[int, int], pads: tuple[int, int, int, int],
                     dilation: tuple[int, int], groups: int, max_side: int,
@@ -208,12 +217,11 @@ def exact_conv_norm(weight: np.ndarray, in_hw: tuple[int, int], out_hw: tuple[in
     w = np.ldexp(w, -exponent)
     c_out, c_in_g = w.shape[:2]
     incidence = conv_incidence(in_hw, out_hw, w.shape[2:], stride, pads, dilation)
-    n_in, n_out = in_hw[0] * in_hw[1], out_hw[0] * out_hw[1]
+    n_in = in_hw[0] * in_hw[1]
     per_group = c_out // groups
-    in_side, out_side = c_in_g * n_in, per_group * n_out
-    if min(in_side, out_side) > max_side or groups * min(in_side, out_side) ** 2 > max_side ** 2:
-        return None  # one group's factorisation, or all groups' Gram matrices, too large
-    side = "input" if in_side <= out_side else "output"
+    if not fits(w.shape, in_hw, out_hw, groups, max_side):
+        return None
+    side = "input" if c_in_g * n_in <= per_group * out_hw[0] * out_hw[1] else "output"
     problems = []
     for g in range(groups):
         wg = w[g * per_group:(g + 1) * per_group]

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...errors import InputError
 from ...ir import ops as O
 from ...ir.graph import Graph
 from ...ir.lowering import MAX_ENTRIES, UNROLLABLE, AffineDag, cached_affine_dag
@@ -124,7 +125,8 @@ class LocalEstimator(Estimator):
         if targets is not None:
             targets = np.asarray(targets, dtype=np.float64).reshape(-1)
             if targets.shape != (c.shape[0],):
-                raise ValueError(f"targets: {targets.size} values for {c.shape[0]} queries")
+                raise InputError(f"targets: {targets.size} values for {c.shape[0]} queries "
+                                 "(one bound per query row)")
             if not np.all(attained <= targets):  # NaN fails: no branching toward a target
                 bab_time = 0.0  # that an attained value already exceeds
         result = local_bound(dag, low, high, c, bab_time=bab_time,
