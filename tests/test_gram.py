@@ -286,3 +286,22 @@ def test_certified_block_max_recovers_from_bad_estimates(monkeypatch):
     bad = a.clone()
     bad[3, 2, 2] = float("nan")
     assert np.isnan(G.certified_block_max(bad))
+
+
+def test_subnormal_and_huge_kernels_stay_sound():
+    """Kernels near the ends of the float range: the FFT's relative error bound needs the
+    scaling by a power of two; the truth is the exact norm of the same integers, scaled."""
+    rng = np.random.default_rng(9)
+    ints = rng.integers(-7, 8, size=(3, 3, 3, 3)).astype(np.float64)
+    shape = (1, 3, 5, 5)
+    base = _exact(O.Conv(ints, None, (1, 1), (1, 1, 1, 1), (1, 1), 1), shape)
+    for exponent in (-1074, -1060, 1000):
+        op = O.Conv(np.ldexp(ints, exponent), None, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+        truth = np.ldexp(base, exponent)  # the stored kernel is exactly ints 2^exponent
+        for spectral in G.SPECTRAL:
+            value = G.conv_circular_bound(op.weight, shape[2:], op.stride, op.pads,
+                                          op.dilation, 1, spectral=spectral)
+            assert truth <= value <= truth * 1.5 + 64 * 2.0**-1074, (exponent, spectral)
+        value, best, cands = _bound(op, shape)
+        # tight up to a few subnormal steps (each rounding up adds 2^-1074)
+        assert truth <= value <= truth * 1.01 + 64 * 2.0**-1074, (exponent, cands)

@@ -211,6 +211,16 @@ def _cholesky_certifies(h: torch.Tensor, s: float, error: torch.Tensor) -> torch
     return ok & (info == 0)
 
 
+def _times_power_of_two(x: torch.Tensor, exponent: int) -> torch.Tensor:
+    """x * 2^exponent in steps that stay in range (2.0 ** 1074 overflows a float): exact
+    for entries that stay normal."""
+    while exponent > 1000:
+        x, exponent = x * 2.0**1000, exponent - 1000
+    while exponent < -1000:
+        x, exponent = x * 2.0**-1000, exponent + 1000
+    return x * 2.0**exponent
+
+
 def certified_block_max(blocks: torch.Tensor, chunk_entries: int = 1 << 24,
                         refine: int = 2) -> float:
     """A certified upper bound on max_b sigma_max(A_b) over a batch of matrices (real or
@@ -239,7 +249,7 @@ def certified_block_max(blocks: torch.Tensor, chunk_entries: int = 1 << 24,
     if largest == 0.0:
         return 0.0
     exponent = math.frexp(largest)[1]
-    blocks = blocks * (2.0 ** -exponent)  # exact: a power of two
+    blocks = _times_power_of_two(blocks, -exponent)
     value = _certified_scaled_max(blocks, chunk_entries, refine)
     scaled = math.ldexp(value, exponent) if value == value else math.nan
     return math.nextafter(scaled, math.inf) if scaled == scaled else math.nan
@@ -312,9 +322,30 @@ def conv_circular_bound(weight: np.ndarray, in_hw: tuple[int, int], stride: tupl
     polyphase kernel: their largest norm certified by Cholesky (:func:`certified_block_max`,
     ``spectral="eigh"``), or each block bounded by Gram iteration
     (:func:`gram_spectral_bounds`, ``spectral="gram"``). Groups act on disjoint channels:
-    max over groups."""
+    max over groups. NaN for non-finite weights.
+
+    The kernel is first scaled by a power of two so that its largest entry lies in [1, 2):
+    the FFT's error bound is relative and holds only without underflow or overflow. Entries
+    that the scaling pushes below the normal range move by at most 2^-1075 each, which adds
+    at most (number of entries) 2^-1075 to any block's norm."""
     if spectral not in SPECTRAL:
         raise ValueError(f"spectral must be one of {SPECTRAL}, got {spectral!r}")
+    w = np.asarray(weight, dtype=np.float64)
+    if not np.all(np.isfinite(w)):
+        return math.nan
+    if not np.any(w):
+        return 0.0
+    exponent = int(np.frexp(float(np.max(np.abs(w))))[1]) - 1
+    value = _scaled_circular_bound(np.ldexp(w, -exponent), in_hw, stride, pads, dilation,
+                                   groups, iterations, device, spectral)
+    if value != value:
+        return math.nan
+    value = value + w.size * 2.0**-1074
+    return math.nextafter(math.ldexp(value, exponent), math.inf)
+
+
+def _scaled_circular_bound(weight, in_hw, stride, pads, dilation, groups, iterations, device,
+                           spectral) -> float:
     t, l, b, r = pads
     kh, kw = weight.shape[2:]
     nh = circular_size(in_hw[0], t, b, kh, stride[0], dilation[0])
