@@ -7,12 +7,24 @@ branching, the BaB bound after 10 s and after 30 s (read from one 30 s run's pro
 reported value is a valid bound at that moment), the sampled lower bound in the box
 (``lower``), the exact local value when BaB closed the gap, and the global naive linf bound.
 
+``--scale``: the root bound (no branching) on CIFAR-size convnets, each in a fresh process
+so its peak memory (max RSS) is its own: ../shared/onnx's cifar_base_kw and resnet_2b
+(skipped when ../shared is absent) and a convnet of the wide Wong-Kolter architecture
+(cifar_wide_kw: conv 3->16 and 16->32, 4x4 stride 2, then 2048-100-10) trained here for a
+few epochs on digits upsampled to 3x32x32 (real data, no download), at a fixed point in
+[0.2, 0.8]^3072 and eps 0.002 clipped to [0, 1].
+
     python bench/local.py [--eps 0.005,0.01,0.02,0.05] [--budget 30]
+    python bench/local.py --scale
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -23,8 +35,10 @@ import torch
 from torch import nn
 
 import lipcert
+from lipcert.errors import LipcertError
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARED_ONNX = ROOT.parent / "shared" / "onnx"
 
 
 def digits28() -> tuple[np.ndarray, np.ndarray]:
@@ -83,11 +97,90 @@ def bench(name: str, graph, x0: np.ndarray, eps_list: list[float], budget: float
               f"{lower:>10.4f}   ({bab.details['stopped']}, {elapsed:.1f} s)")
 
 
+def train_wide_cnn(path: Path) -> None:
+    """The cifar_wide_kw architecture on digits as 3x32x32 images (a few epochs: its
+    weights have trained scales, not random ones)."""
+    x, y = digits28()
+    xt = torch.as_tensor(x).reshape(-1, 1, 28, 28)
+    xt = torch.nn.functional.interpolate(xt, size=(32, 32), mode="bilinear",
+                                         align_corners=False).clamp(0, 1).repeat(1, 3, 1, 1)
+    yt = torch.as_tensor(y)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 4, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 4, 2, 1),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(2048, 100), nn.ReLU(),
+                        nn.Linear(100, 10))
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    for _ in range(8):
+        perm = torch.randperm(1500)
+        for i in range(0, 1500, 64):
+            idx = perm[i:i + 64]
+            loss = nn.functional.cross_entropy(net(xt[idx]), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    acc = (net(xt[1500:]).argmax(1) == yt[1500:]).float().mean().item()
+    print(f"wide 4-layer convnet (cifar_wide_kw architecture) on 3x32x32 digits: test "
+          f"accuracy {acc:.3f}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net.eval(), (xt[:1],), str(path), dynamo=False, opset_version=17)
+
+
+def root_once(path: str, eps: float) -> None:
+    """One root bound in this process; prints a JSON line with its time and peak memory."""
+    graph = lipcert.load(path)
+    n = int(np.prod(graph.input_shape))
+    x0 = np.random.default_rng(0).uniform(0.2, 0.8, n)
+    t0 = time.perf_counter()
+    try:
+        result = lipcert.bound(graph, "local", "inf", center=x0, eps=eps, domain=(0.0, 1.0),
+                               bab_time=0, self_check=False)
+        value, unstable = result.upper, result.details["unstable_at_root"]
+    except LipcertError as exc:
+        value, unstable = str(exc), None
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    print(json.dumps({"upper": value, "seconds": seconds, "peak_gib": peak,
+                      "unstable": unstable}))
+
+
+def bench_scale(eps: float) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        wide = Path(tmp) / "cifar_wide_arch.onnx"
+        train_wide_cnn(wide)
+        models = [(name, SHARED_ONNX / f"{name}.onnx") for name in ("cifar_base_kw",
+                                                                      "resnet_2b")]
+        models = [(n, p) for n, p in models if p.exists()]
+        if len(models) < 2:
+            print("../shared/onnx is absent: cifar_base_kw and resnet_2b skipped")
+        models.append(("wide 4-layer (cifar_wide_kw arch.)", wide))
+        print(f"\nroot local linf bound (no branching), eps {eps:g}, each in a fresh process "
+              "(peak = its max RSS, model load included)")
+        print(f"{'model':<36} {'unstable':>8} {'bound':>12} {'seconds':>8} {'peak GiB':>9}")
+        for name, path in models:
+            out = subprocess.run([sys.executable, __file__, "--root-once", str(path),
+                                  "--eps", str(eps)], capture_output=True, text=True,
+                                 check=True).stdout.strip().splitlines()[-1]
+            row = json.loads(out)
+            value = row["upper"]
+            shown = f"{value:>12.6g}" if isinstance(value, float) else f" {value[:60]}"
+            print(f"{name:<36} {row['unstable'] or '-':>8} {shown} {row['seconds']:>8.1f} "
+                  f"{row['peak_gib']:>9.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--eps", default="0.005,0.01,0.02,0.05")
     parser.add_argument("--budget", type=float, default=30.0)
+    parser.add_argument("--scale", action="store_true", help="CIFAR-size root bounds only")
+    parser.add_argument("--root-once", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.root_once:
+        root_once(args.root_once, float(args.eps))
+        return
+    if args.scale:
+        bench_scale(float(args.eps) if "," not in args.eps else 0.002)
+        return
     eps_list = [float(e) for e in args.eps.split(",")]
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,13 +15,14 @@ Used by the ``local`` estimator and by LipSDP for conv layers.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from ..errors import MethodNotApplicable
 from . import evaluate
+from . import linear_operators as L
 from . import ops as O
 from .graph import Graph
 
@@ -34,12 +35,24 @@ UNROLLABLE = LINEAR_OPS + _ACTIVATIONS  # the IR ops build_affine_dag accepts
 CHAIN_LINEAR_OPS = tuple(op for op in LINEAR_OPS if op not in (O.Add, O.Concat))  # 1 input
 
 
+#: a map gets a matrix-free operator when replaying its ops costs at most this fraction of
+#: its dense matrix's entries: float64 convolutions run at about 6 GMAC/s on this CPU where
+#: dense float64 products reach 90 (bench/local.py), so replaying must save more than 16x
+IMPLICIT_FRACTION = 1 / 16
+
+
 @dataclass
 class Affine:
-    """sum_j maps[j] @ B_j + bias, with maps[j] of shape (size, n_j)."""
+    """sum_j maps[j] @ B_j + bias, with maps[j] of shape (size, n_j).
+
+    ``ops[j]``, where present, is maps[j] as a matrix-free operator (the ops that built it,
+    replayed: :mod:`.linear_operators`) that is much cheaper than the dense matrix for
+    products with many rows. It must equal maps[j]: code that builds a new Affine from
+    changed maps leaves ``ops`` empty."""
 
     maps: dict[int, torch.Tensor]
     bias: torch.Tensor
+    ops: dict[int, L.LinearOperator] = field(default_factory=dict)
 
     @property
     def entries(self) -> int:
@@ -99,6 +112,7 @@ def _apply_linear(op: O.Op, node_shape, in_shapes, inputs: list[Affine]) -> Affi
         bias = evaluate.apply(op, *biases).reshape(-1)
         lin = linear_part(op)
         maps: dict[int, torch.Tensor] = {}
+        operators: dict[int, L.LinearOperator] = {}
         bases = sorted({j for a in inputs for j in a.maps})
         for j in bases:
             n_j = next(a.maps[j].shape[1] for a in inputs if j in a.maps)
@@ -107,8 +121,20 @@ def _apply_linear(op: O.Op, node_shape, in_shapes, inputs: list[Affine]) -> Affi
                     for a, shape in zip(inputs, in_shapes, strict=True)]
             out = torch.func.vmap(lambda *xs, _lin=lin: evaluate.apply(_lin, *xs))(*cols)
             maps[j] = out.reshape(n_j, -1).T.contiguous()
+            parts = [(a.ops.get(j) or L.dense(a.maps[j])) if j in a.maps else None
+                     for a in inputs]
+            operator = L.compose(lin, in_shapes, node_shape, parts, n_j)
+            if operator.cost <= IMPLICIT_FRACTION * maps[j].numel():
+                operators[j] = operator
     size = int(np.prod(node_shape))
-    return Affine({j: m for j, m in maps.items() if torch.any(m != 0)}, bias.reshape(size))
+    kept = {j: m for j, m in maps.items() if torch.any(m != 0)}
+    return Affine(kept, bias.reshape(size), {j: op for j, op in operators.items() if j in kept})
+
+
+def _identity(size: int, base: int) -> Affine:
+    """B_base itself, as the value of a node."""
+    return Affine({base: torch.eye(size, dtype=torch.float64)},
+                  torch.zeros(size, dtype=torch.float64), {base: L.identity(size)})
 
 
 def flat_group_sort(op: O.GroupSort, shape: tuple[int, ...]) -> O.GroupSort:
@@ -123,9 +149,7 @@ def build_affine_dag(graph: Graph, method: str, max_entries: int = MAX_ENTRIES) 
     """Unroll ``graph`` into an :class:`AffineDag`; ops other than linear ones and elementwise
     activations are refused by node name."""
     n0 = int(np.prod(graph.input_shape))
-    values: dict[str, Affine] = {
-        graph.input: Affine({0: torch.eye(n0, dtype=torch.float64)},
-                            torch.zeros(n0, dtype=torch.float64))}
+    values: dict[str, Affine] = {graph.input: _identity(n0, 0)}
     sizes, acts, pre, sources = [n0], [], [], []
     total = n0 * n0
     for node in graph.nodes:
@@ -137,8 +161,7 @@ def build_affine_dag(graph: Graph, method: str, max_entries: int = MAX_ENTRIES) 
             acts.append(flat_group_sort(op, node.shape) if isinstance(op, O.GroupSort) else op)
             sizes.append(size)
             sources.append(node.source)
-            values[node.output] = Affine({k: torch.eye(size, dtype=torch.float64)},
-                                         torch.zeros(size, dtype=torch.float64))
+            values[node.output] = _identity(size, k)
             continue
         if not isinstance(op, LINEAR_OPS):
             raise MethodNotApplicable(

@@ -25,7 +25,7 @@ import torch
 from ...errors import InputError
 from ...ir import ops as O
 from ...ir.graph import Graph
-from ...ir.lowering import MAX_ENTRIES, UNROLLABLE, AffineDag, cached_affine_dag
+from ...ir.lowering import UNROLLABLE, AffineDag, cached_affine_dag
 from ...ir.sorting_networks import cached_expansion
 from ..base import Bound, Estimator, register
 from ..common.region import box_from_options, nudged
@@ -34,6 +34,9 @@ from .bab import BabResult, LocalProblem, branch_and_bound
 from .jacobian import gradient_cap, jacobian_norm_cap
 
 DEFAULT_BAB_TIME = 10.0
+#: unrolled matrix entries local accepts by default (800 MB of float64 maps; bound
+#: propagation's coefficient matrices, of the same order, come on top: bench/local.py)
+LOCAL_MAX_ENTRIES = 100_000_000
 
 
 def gradient_norms(dag: AffineDag, x: np.ndarray, c: np.ndarray,
@@ -53,7 +56,7 @@ def gradient_norms(dag: AffineDag, x: np.ndarray, c: np.ndarray,
 def local_bound(dag: AffineDag, low: np.ndarray, high: np.ndarray, c: np.ndarray, *,
                 bab_time: float = DEFAULT_BAB_TIME, max_domains: int = 200_000,
                 batch: int = 32, progress: Callable[[dict], None] | None = None,
-                max_entries: int = MAX_ENTRIES, norm: str = "inf",
+                max_entries: int = LOCAL_MAX_ENTRIES, norm: str = "inf",
                 targets: np.ndarray | None = None) -> BabResult:
     """Bound max over the box [low, high] of ||grad c_q^T f||_1 (``norm`` "inf": the
     linf Lipschitz constant of c_q^T f) or ||grad c_q^T f||_2 (``norm`` "2") for every
@@ -89,7 +92,7 @@ class LocalSettings:
                               infinite=True)
     max_domains: int = setting(200_000, "domains visited before stopping", minimum=1)
     batch: int = setting(32, "domains split per step", minimum=1)
-    max_entries: int = setting(MAX_ENTRIES, "unrolled linear-layer matrix entries (8 bytes "
+    max_entries: int = setting(LOCAL_MAX_ENTRIES, "unrolled linear-layer matrix entries (8 bytes "
                                             "each)", minimum=1)
 
 
@@ -108,7 +111,7 @@ class LocalEstimator(Estimator):
     handlers = {op: None for op in (*UNROLLABLE, O.GroupSort)}
 
     def compute(self, graph: Graph, norm: str, **options: Any) -> Bound:
-        max_entries = int(options.get("max_entries", MAX_ENTRIES))
+        max_entries = int(options.get("max_entries", LOCAL_MAX_ENTRIES))
         dag = cached_affine_dag(graph, self.name, max_entries)
         low, high, region = box_from_options(options, dag.sizes[0])
         n_out = dag.out.bias.numel()

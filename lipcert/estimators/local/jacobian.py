@@ -17,6 +17,13 @@ Networks via Bound Propagation", NeurIPS 2022. On an :class:`AffineDag`
   al. Sec. 3.2-3.3). The result bounds max_{x in X} max_{G in dC(c^T f)(x)} ||G||_1, the
   local linf -> linf Lipschitz constant of c^T f on X.
 
+Both passes compute linear bounds only on the rows whose relaxation the bounds can change
+(sparse intermediate bounds, as auto_LiRPA does): a neuron that intervals place on one
+linear piece of its activation is relaxed exactly whatever its bounds, and so is a product
+y = d t whose derivative set is one number. Such rows keep their interval bounds, which only
+feed later intervals (themselves intersected with linear bounds). Products with many rows
+go through a map's matrix-free operator where the DAG has one (:class:`Factor`).
+
 All tensors carry a leading batch dimension D (domains of branch-and-bound, or queries).
 """
 
@@ -28,9 +35,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ...ir import ops as O
+from ...ir.linear_operators import LinearOperator
 from ...ir.lowering import Affine, AffineDag
 from ...soundness import checked_array, poison
-from .relaxations import SLACK, Relaxation, relax, widen
+from .relaxations import SLACK, Relaxation, needs_bounds, relax, widen
 
 INFEASIBLE_TOL = 1e-9
 
@@ -53,36 +61,60 @@ def _interval(affine: Affine, lows: list[torch.Tensor], ups: list[torch.Tensor])
     return lo, hi
 
 
+@dataclass(frozen=True)
+class Factor:
+    """A matrix T of products p @ T: a map M of the DAG (``transposed`` False) or its
+    transpose, dense or, where the DAG has one, through its matrix-free operator."""
+
+    matrix: torch.Tensor  # T itself (a view of M^T when transposed)
+    operator: LinearOperator | None = None
+    transposed: bool = False
+
+    @staticmethod
+    def of(affine: Affine, j: int, transposed: bool = False) -> Factor:
+        m = affine.maps[j]
+        return Factor(m.T if transposed else m, affine.ops.get(j), transposed)
+
+    def right(self, p: torch.Tensor) -> torch.Tensor:
+        """p @ T for p of shape (..., rows of T)."""
+        if self.operator is None:
+            return p @ self.matrix
+        return self.operator.times_transpose(p) if self.transposed else self.operator.times(p)
+
+
 def substitute(p: torch.Tensor, lo: tuple[torch.Tensor, torch.Tensor],
                hi: tuple[torch.Tensor, torch.Tensor], offset: torch.Tensor,
-               targets: dict[int, torch.Tensor]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+               targets: dict[int, Factor]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """One step of backward substitution for an upper bound of p v.
 
     ``p`` holds coefficients on v, shape (r, n) (shared by the batch) or (D, r, n); v obeys
     lo[0] w + lo[1] <= v <= hi[0] w + hi[1] ((D, n) each) and w = offset + sum_i T_i u_i.
     Returns the constant (D, r) and the coefficients on each u_i.
     """
-    pp, pn = p.clamp(min=0), p.clamp(max=0)
+    pp = p.clamp(min=0)
     (s_lo, i_lo), (s_hi, i_hi) = lo, hi
     if offset.dim() == 1:
         offset = offset.expand(s_hi.shape[0], -1)
+    # p+ s_hi + p- s_lo = p s_lo + p+ (s_hi - s_lo); s_hi != s_lo only where the
+    # relaxation is loose (unstable neurons), usually a few columns
+    diff = s_hi - s_lo
+    cols = torch.nonzero((diff != 0).any(0)).reshape(-1)
     if p.dim() == 2:  # factor the batch into the right-hand sides
+        pn = p.clamp(max=0)
         const = (i_hi + s_hi * offset) @ pp.T + (i_lo + s_lo * offset) @ pn.T
-        # p+ s_hi + p- s_lo = p s_lo + p+ (s_hi - s_lo); s_hi != s_lo only where the
-        # relaxation is loose (unstable neurons), usually a few columns
-        diff = s_hi - s_lo
-        cols = torch.nonzero((diff != 0).any(0)).reshape(-1)
         out = {}
         for i, t in targets.items():
-            term = (p * s_lo[:, None, :]) @ t
+            term = t.right(p * s_lo[:, None, :])
             if cols.numel():
-                term = term + pp[:, cols] @ (diff[:, cols, None] * t[cols])
+                term = term + pp[:, cols] @ (diff[:, cols, None] * t.matrix[cols])
             out[i] = term
         return const, out
-    w = pp * s_hi[:, None, :] + pn * s_lo[:, None, :]
-    const = (pp * i_hi[:, None, :]).sum(-1) + (pn * i_lo[:, None, :]).sum(-1) \
-        + (w @ offset[..., None])[..., 0]
-    return const, {i: w @ t for i, t in targets.items()}
+    # (D, r, n) coefficients: as few full passes over them as the algebra allows
+    w = p * s_lo[:, None, :]
+    if cols.numel():
+        w[..., cols] += pp[..., cols] * diff[:, None, cols]
+    const = (p @ i_lo[..., None] + pp @ (i_hi - i_lo)[..., None] + w @ offset[..., None])[..., 0]
+    return const, {i: t.right(w) for i, t in targets.items()}
 
 
 def _accumulate(coeffs: dict[int, torch.Tensor], new: dict[int, torch.Tensor]) -> None:
@@ -91,17 +123,18 @@ def _accumulate(coeffs: dict[int, torch.Tensor], new: dict[int, torch.Tensor]) -
 
 
 def _crown_max(dag: AffineDag, k: int, sign: float, relaxes: list[Relaxation],
-               xl: torch.Tensor, xu: torch.Tensor) -> torch.Tensor:
-    """Upper bound of sign * z_k over the box, by backward substitution (CROWN)."""
+               xl: torch.Tensor, xu: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Upper bound of sign * z_k[rows] over the box, by backward substitution (CROWN)."""
     aff = dag.pre[k - 1]
-    coeffs: dict[int, torch.Tensor] = {j: sign * m for j, m in aff.maps.items()}
-    const = (sign * aff.bias).expand(xl.shape[0], -1)
+    coeffs: dict[int, torch.Tensor] = {j: sign * m[rows] for j, m in aff.maps.items()}
+    const = (sign * aff.bias[rows]).expand(xl.shape[0], -1)
     for j in range(k - 1, 0, -1):
         a = coeffs.pop(j, None)
         if a is None:
             continue
         r, pre = relaxes[j - 1], dag.pre[j - 1]
-        step, new = substitute(a, (r.sl, r.il), (r.su, r.iu), pre.bias, pre.maps)
+        step, new = substitute(a, (r.sl, r.il), (r.su, r.iu), pre.bias,
+                               {i: Factor.of(pre, i) for i in pre.maps})
         const = const + step
         _accumulate(coeffs, new)
     a0 = coeffs.get(0)
@@ -124,12 +157,18 @@ def forward_bounds(dag: AffineDag, xl: torch.Tensor, xu: torch.Tensor,
     for k in range(1, dag.n_acts + 1):
         aff = dag.pre[k - 1]
         zl, zu = widen(*_interval(aff, lows, ups))
-        if crown and any(j > 0 for j in aff.maps):
-            cl, cu = widen(-_crown_max(dag, k, -1.0, relaxes, xl, xu),
-                           _crown_max(dag, k, 1.0, relaxes, xl, xu))
-            zl, zu = torch.maximum(zl, cl), torch.minimum(zu, cu)
         if prior is not None:
             zl, zu = torch.maximum(zl, prior[0][k - 1]), torch.minimum(zu, prior[1][k - 1])
+        if crown and any(j > 0 for j in aff.maps):
+            # CROWN only where the bounds can change the relaxation (Sparse intermediate
+            # bounds): a neuron that intervals place on one linear piece is relaxed exactly
+            rows = torch.nonzero(needs_bounds(dag.acts[k - 1], zl, zu).any(0)).reshape(-1)
+            if rows.numel():
+                cl, cu = widen(-_crown_max(dag, k, -1.0, relaxes, xl, xu, rows),
+                               _crown_max(dag, k, 1.0, relaxes, xl, xu, rows))
+                zl, zu = zl.clone(), zu.clone()
+                zl[:, rows] = torch.maximum(zl[:, rows], cl)
+                zu[:, rows] = torch.minimum(zu[:, rows], cu)
         split = splits[k - 1] if splits is not None else torch.zeros_like(zl, dtype=torch.int8)
         zl = torch.where(split > 0, zl.clamp(min=0), zl)
         zu = torch.where(split < 0, zu.clamp(max=0), zu)
@@ -183,10 +222,17 @@ class _Adjoint:
             hi = hi + self.yhi[m] @ mp + self.ylo[m] @ mn
         return lo, hi
 
-    def upper(self, k: int, q: torch.Tensor, keep: bool = False):
-        """Upper bound of q t_k by backward substitution; q is (D, r, n_k) or (r, n_k)."""
-        const = (q @ self.const[k][..., None])[..., 0]
-        coeffs = {m: q @ self.dag.pre[m - 1].maps[k].T for m in self.users[k]}
+    def upper(self, k: int, q: torch.Tensor | float, keep: bool = False,
+              rows: torch.Tensor | None = None):
+        """Upper bound of q t_k by backward substitution; q is (D, r, n_k) or (r, n_k), or
+        a number s for s t_k[rows] (the rows of s times the identity)."""
+        if isinstance(q, float):
+            const = q * self.const[k][:, rows]
+            coeffs = {m: q * self.dag.pre[m - 1].maps[k].T[rows] for m in self.users[k]}
+        else:
+            const = (q @ self.const[k][..., None])[..., 0]
+            coeffs = {m: Factor.of(self.dag.pre[m - 1], k, transposed=True).right(q)
+                      for m in self.users[k]}
         kept: dict[int, torch.Tensor] = {}
         while coeffs:
             m = min(coeffs)  # adjoint order: y_m needs t_m, which needs y_m2 for m2 > m
@@ -194,7 +240,8 @@ class _Adjoint:
             if keep:
                 kept[m] = p
             al, bl, au, bu = self.lines[m]
-            targets = {m2: self.dag.pre[m2 - 1].maps[m].T for m2 in self.users[m]}
+            targets = {m2: Factor.of(self.dag.pre[m2 - 1], m, transposed=True)
+                       for m2 in self.users[m]}
             step, new = substitute(p, (al, bl), (au, bu), self.const[m], targets)
             const = const + step
             _accumulate(coeffs, new)
@@ -205,10 +252,18 @@ class _Adjoint:
         # Linear propagation beats intervals only through a product y_m = d_m t_m whose
         # factor t_m is not a constant (t_m is constant when nothing consumes B_m but f).
         if any(self.users[m] for m in self.users[k]):
-            eye = torch.eye(self.dag.sizes[k], dtype=lo.dtype)
-            cl, cu = widen(-self.upper(k, -eye), self.upper(k, eye))
-            lo, hi = torch.maximum(lo, cl), torch.minimum(hi, cu)
-            lo, hi = torch.minimum(lo, hi), torch.maximum(lo, hi)
+            # the product y_k = d_k t_k is relaxed exactly where d_k is one number, whatever
+            # the bounds of t_k: linear bounds only where d_k ranges over an interval (all
+            # of the gradient itself, k = 0, whose bounds the final |.| chord reads)
+            rows = (torch.arange(lo.shape[1]) if k == 0 else
+                    torch.nonzero((self.fwd.relax[k - 1].dl != self.fwd.relax[k - 1].du)
+                                  .any(0)).reshape(-1))
+            if rows.numel():
+                cl, cu = widen(-self.upper(k, -1.0, rows=rows), self.upper(k, 1.0, rows=rows))
+                lo, hi = lo.clone(), hi.clone()
+                lo[:, rows] = torch.maximum(lo[:, rows], cl)
+                hi[:, rows] = torch.minimum(hi[:, rows], cu)
+                lo, hi = torch.minimum(lo, hi), torch.maximum(lo, hi)
         return lo, hi
 
     def relax_product(self, m: int, tl: torch.Tensor, tu: torch.Tensor) -> None:

@@ -140,6 +140,20 @@ def _no_mixed(r: Relaxation) -> Relaxation:
     return r
 
 
+def needs_bounds(op: O.Op, l: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Where tighter bounds than [l, u] could change the relaxation of ``op``: a kink of a
+    piecewise-linear activation lies strictly inside (l, u) (else the neuron is on one
+    linear piece and relaxed exactly, whatever its bounds); everywhere for smooth ones."""
+    if isinstance(op, (O.Relu, O.LeakyRelu)):
+        return (l < 0) & (u > 0)
+    if isinstance(op, O.Clip):
+        lo, hi = float(op.low), float(op.high)
+        if not hi > lo:
+            return torch.zeros_like(l, dtype=torch.bool)
+        return ((l < lo) & (u > lo)) | ((l < hi) & (u > hi))
+    return torch.ones_like(l, dtype=torch.bool)
+
+
 def relax(op: O.Op, l: torch.Tensor, u: torch.Tensor, split: torch.Tensor) -> Relaxation:
     """Relaxation of ``op`` on [l, u]; ``split`` (+1 / -1 / 0) fixes a ReLU's side of 0."""
     if isinstance(op, O.Relu):
