@@ -14,8 +14,18 @@ so its peak memory (max RSS) is its own: ../shared/onnx's cifar_base_kw and resn
 few epochs on digits upsampled to 3x32x32 (real data, no download), at a fixed point in
 [0.2, 0.8]^3072 and eps 0.002 clipped to [0, 1].
 
+``--baseline``: lipcert's root bound with plain CROWN (``optimize_steps=0``) and with its
+default alpha-CROWN slopes, side by side with an alpha-CROWN-style baseline re-implemented
+in bench/alpha_crown_baseline.py (auto_LiRPA's default Jacobian-bound pipeline), on the
+bundled digits models, the VNN-COMP 2021 mnistfc MLPs 784-256x2/x4/x6-10 at their first
+instance (read from a snapshot of stanleybak/vnncomp2021 as in bench/certify_bab.py,
+skipped when absent) and cifar_base_kw (../shared, skipped when absent). lipcert's values
+are its exact-arithmetic bounds (before the float32 execution margin), the quantity the
+baseline computes.
+
     python bench/local.py [--eps 0.005,0.01,0.02,0.05] [--budget 30]
     python bench/local.py --scale
+    python bench/local.py --baseline
 """
 
 from __future__ import annotations
@@ -168,13 +178,79 @@ def bench_scale(eps: float) -> None:
                   f"{row['peak_gib']:>9.2f}")
 
 
+def _baseline_row(name: str, graph, x0: np.ndarray, eps: float) -> None:
+    from alpha_crown_baseline import local_linf_bound
+
+    from lipcert.ir.lowering import cached_affine_dag
+
+    region = {"center": x0, "eps": eps, "domain": (0.0, 1.0)}
+    values, seconds = [], []
+    for steps in (0, None):
+        options = {} if steps is None else {"optimize_steps": steps}
+        t0 = time.perf_counter()
+        result = lipcert.bound(graph, "local", "inf", bab_time=0, self_check=False,
+                               **region, **options)
+        seconds.append(time.perf_counter() - t0)
+        values.append(result.details["exact_arithmetic_bound"])
+    dag = cached_affine_dag(graph, "local", 10**8)
+    low, high = np.clip(x0 - eps, 0, 1), np.clip(x0 + eps, 0, 1)
+    t0 = time.perf_counter()
+    base = local_linf_bound(dag, low, high)
+    base_s = time.perf_counter() - t0
+    if base is None:
+        print(f"{name:<26} {eps:>6g}  (not a plain ReLU chain: no baseline)")
+        return
+    print(f"{name:<26} {eps:>6g} {values[0]:>12.4f} {values[1]:>12.4f} {base:>12.4f} "
+          f"{values[1] / base:>8.4f} {seconds[0]:>7.1f} {seconds[1]:>7.1f} {base_s:>7.1f}")
+    sys.stdout.flush()
+
+
+def bench_baseline() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from certify_bab import DEFAULT_REPO, FOLDER, _show, read_instance
+
+    print("root local linf bound: lipcert plain CROWN, lipcert alpha (default), the "
+          "alpha-CROWN-style baseline (bench/alpha_crown_baseline.py); ratio = alpha / "
+          "baseline; seconds of each")
+    print(f"{'model':<26} {'eps':>6} {'plain':>12} {'alpha':>12} {'baseline':>12} "
+          f"{'ratio':>8} {'s plain':>7} {'s alpha':>7} {'s base':>7}")
+    x_cnn = np.load(ROOT / "models" / "digits_test.npz")["x"][0].reshape(-1)
+    for name in ("digits_mlp", "digits_cnn"):
+        graph = lipcert.load(ROOT / "models" / f"{name}.onnx")
+        for eps in (0.005, 0.01, 0.02, 0.05):
+            _baseline_row(name, graph, x_cnn, eps)
+    if DEFAULT_REPO.exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            for depth in (2, 4, 6):
+                net = f"mnist-net_256x{depth}"
+                path = Path(tmp) / f"{net}.onnx"
+                path.write_bytes(_show(DEFAULT_REPO, f"{FOLDER}/{net}.onnx"))
+                graph = lipcert.load(path)
+                for eps in (0.03, 0.05):
+                    x0, _ = read_instance(DEFAULT_REPO, 0, eps)
+                    _baseline_row(net, graph, x0, eps)
+    else:
+        print(f"(no vnncomp2021 snapshot at {DEFAULT_REPO}: mnistfc nets skipped)")
+    cifar = SHARED_ONNX / "cifar_base_kw.onnx"
+    if cifar.exists():
+        x0 = np.random.default_rng(0).uniform(0.2, 0.8, 3072)
+        _baseline_row("cifar_base_kw", lipcert.load(cifar), x0, 0.002)
+    else:
+        print("(../shared/onnx is absent: cifar_base_kw skipped)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--eps", default="0.005,0.01,0.02,0.05")
     parser.add_argument("--budget", type=float, default=30.0)
     parser.add_argument("--scale", action="store_true", help="CIFAR-size root bounds only")
+    parser.add_argument("--baseline", action="store_true",
+                        help="root bounds beside the alpha-CROWN-style baseline")
     parser.add_argument("--root-once", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.baseline:
+        bench_baseline()
+        return
     if args.root_once:
         root_once(args.root_once, float(args.eps))
         return

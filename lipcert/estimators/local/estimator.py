@@ -34,6 +34,8 @@ from .bab import BabResult, LocalProblem, branch_and_bound
 from .jacobian import gradient_cap, jacobian_norm_cap
 
 DEFAULT_BAB_TIME = 10.0
+#: projected gradient steps of alpha/beta optimisation per pre-activation bound
+DEFAULT_OPTIMIZE_STEPS = 20
 #: unrolled matrix entries local accepts by default (800 MB of float64 maps; bound
 #: propagation's coefficient matrices, of the same order, come on top: bench/local.py)
 LOCAL_MAX_ENTRIES = 100_000_000
@@ -57,7 +59,8 @@ def local_bound(dag: AffineDag, low: np.ndarray, high: np.ndarray, c: np.ndarray
                 bab_time: float = DEFAULT_BAB_TIME, max_domains: int = 200_000,
                 batch: int = 32, progress: Callable[[dict], None] | None = None,
                 max_entries: int = LOCAL_MAX_ENTRIES, norm: str = "inf",
-                targets: np.ndarray | None = None) -> BabResult:
+                targets: np.ndarray | None = None,
+                optimize_steps: int = DEFAULT_OPTIMIZE_STEPS) -> BabResult:
     """Bound max over the box [low, high] of ||grad c_q^T f||_1 (``norm`` "inf": the
     linf Lipschitz constant of c_q^T f) or ||grad c_q^T f||_2 (``norm`` "2") for every
     row c_q of c.
@@ -66,11 +69,13 @@ def local_bound(dag: AffineDag, low: np.ndarray, high: np.ndarray, c: np.ndarray
     every bound is capped by :func:`gradient_cap` of ``dag`` itself (where GroupSort keeps
     its gain of 1). ``bab_time`` = 0 gives the root bound (bound propagation without
     branching). ``targets``: one per row, the bounds certification needs (see
-    :func:`~.bab.branch_and_bound`)."""
+    :func:`~.bab.branch_and_bound`). ``optimize_steps``: alpha/beta-CROWN steps per
+    pre-activation bound, at the root and in every domain (0: plain CROWN; see
+    :mod:`.optimized`)."""
     c = np.atleast_2d(c)
     cap = gradient_cap(dag, torch.as_tensor(c, dtype=torch.float64), norm)
     problem = LocalProblem(cached_expansion(dag, "local", max_entries), low, high, c, cap,
-                           norm)
+                           norm, iterations=optimize_steps)
     return branch_and_bound(problem, time_budget=bab_time, max_domains=max_domains,
                             batch=batch, progress=progress, targets=targets)
 
@@ -92,6 +97,8 @@ class LocalSettings:
                               infinite=True)
     max_domains: int = setting(200_000, "domains visited before stopping", minimum=1)
     batch: int = setting(32, "domains split per step", minimum=1)
+    optimize_steps: int = setting(DEFAULT_OPTIMIZE_STEPS, "alpha/beta-CROWN steps per "
+                                  "pre-activation bound (0: plain CROWN)", minimum=0)
     max_entries: int = setting(LOCAL_MAX_ENTRIES, "unrolled linear-layer matrix entries (8 bytes "
                                             "each)", minimum=1)
 
@@ -136,7 +143,9 @@ class LocalEstimator(Estimator):
                              max_domains=int(options.get("max_domains", 200_000)),
                              batch=int(options.get("batch", 32)),
                              progress=_progress_text(options.get("progress")),
-                             max_entries=max_entries, norm=norm, targets=targets)
+                             max_entries=max_entries, norm=norm, targets=targets,
+                             optimize_steps=int(options.get("optimize_steps",
+                                                            DEFAULT_OPTIMIZE_STEPS)))
         root, upper, exact = result.root, result.upper, result.exact
         lower = max(result.lower, float(attained.max()))
         notes = [f"local constant on the box {region['describe']}: valid only inside it"]

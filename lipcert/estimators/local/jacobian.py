@@ -29,6 +29,7 @@ All tensors carry a leading batch dimension D (domains of branch-and-bound, or q
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, field
 
@@ -49,6 +50,17 @@ class ForwardBounds:
     zu: list[torch.Tensor]
     relax: list[Relaxation]
     infeasible: torch.Tensor  # (D,) bool: a split constraint contradicts the bounds
+
+    def expand(self, d: int) -> ForwardBounds:
+        """The bounds of one domain (D = 1) as views for d identical domains."""
+        def grow(t: torch.Tensor) -> torch.Tensor:
+            return t.expand(d, *t.shape[1:])
+
+        relaxes = [Relaxation(**{name: None if getattr(r, name) is None else
+                                 grow(getattr(r, name)) for name in r.__dataclass_fields__})
+                   for r in self.relax]
+        return ForwardBounds([grow(z) for z in self.zl], [grow(z) for z in self.zu], relaxes,
+                             grow(self.infeasible))
 
 
 def _interval(affine: Affine, lows: list[torch.Tensor], ups: list[torch.Tensor]):
@@ -145,11 +157,27 @@ def _crown_max(dag: AffineDag, k: int, sign: float, relaxes: list[Relaxation],
     return const + (a0.clamp(min=0) @ xu[..., None] + a0.clamp(max=0) @ xl[..., None])[..., 0]
 
 
+def _tighten(zl: torch.Tensor, zu: torch.Tensor, rows: torch.Tensor,
+             found: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[zl, zu] intersected on ``rows`` with the bounds ``found`` (widened for rounding)."""
+    cl, cu = widen(*found)
+    zl, zu = zl.clone(), zu.clone()
+    zl[:, rows] = torch.maximum(zl[:, rows], cl)
+    zu[:, rows] = torch.minimum(zu[:, rows], cu)
+    return zl, zu
+
+
 def forward_bounds(dag: AffineDag, xl: torch.Tensor, xu: torch.Tensor,
                    splits: list[torch.Tensor] | None = None,
                    prior: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
-                   crown: bool = True) -> ForwardBounds:
-    """Pre-activation bounds of every activation on the boxes [xl, xu] (D, n_0)."""
+                   crown: bool = True, iterations: int = 0,
+                   deadline: float = math.inf) -> ForwardBounds:
+    """Pre-activation bounds of every activation on the boxes [xl, xu] (D, n_0).
+
+    ``iterations`` > 0: CROWN's lower slopes and the multipliers of the split constraints
+    are optimised by that many projected gradient steps (:mod:`.optimized`), per row, none
+    after ``deadline`` (a time.perf_counter() value)."""
+    from .optimized import optimized_crown
     d = xl.shape[0]
     lows, ups = [xl], [xu]
     zls, zus, relaxes = [], [], []
@@ -159,16 +187,26 @@ def forward_bounds(dag: AffineDag, xl: torch.Tensor, xu: torch.Tensor,
         zl, zu = widen(*_interval(aff, lows, ups))
         if prior is not None:
             zl, zu = torch.maximum(zl, prior[0][k - 1]), torch.minimum(zu, prior[1][k - 1])
+        act = dag.acts[k - 1]
         if crown and any(j > 0 for j in aff.maps):
-            # CROWN only where the bounds can change the relaxation (Sparse intermediate
+            # CROWN only where the bounds can change the relaxation (sparse intermediate
             # bounds): a neuron that intervals place on one linear piece is relaxed exactly
-            rows = torch.nonzero(needs_bounds(dag.acts[k - 1], zl, zu).any(0)).reshape(-1)
+            rows = torch.nonzero(needs_bounds(act, zl, zu).any(0)).reshape(-1)
             if rows.numel():
-                cl, cu = widen(-_crown_max(dag, k, -1.0, relaxes, xl, xu, rows),
-                               _crown_max(dag, k, 1.0, relaxes, xl, xu, rows))
-                zl, zu = zl.clone(), zu.clone()
-                zl[:, rows] = torch.maximum(zl[:, rows], cl)
-                zu[:, rows] = torch.minimum(zu[:, rows], cu)
+                zl, zu = _tighten(zl, zu, rows, (
+                    -_crown_max(dag, k, -1.0, relaxes, xl, xu, rows),
+                    _crown_max(dag, k, 1.0, relaxes, xl, xu, rows)))
+        # then optimised slopes and split multipliers on the rows CROWN left unsettled; a
+        # layer that reads only x has exact intervals unless splits of its own layer cut
+        # the box
+        own_splits = splits is not None and bool((splits[k - 1] != 0).any())
+        if crown and iterations > 0 and (any(j > 0 for j in aff.maps) or own_splits):
+            rows = torch.nonzero(needs_bounds(act, zl, zu).any(0)).reshape(-1)
+            found = (optimized_crown(dag, k, relaxes, xl, xu, rows, splits, iterations,
+                                     deadline)
+                     if rows.numel() else None)
+            if found is not None:
+                zl, zu = _tighten(zl, zu, rows, found)
         split = splits[k - 1] if splits is not None else torch.zeros_like(zl, dtype=torch.int8)
         zl = torch.where(split > 0, zl.clamp(min=0), zl)
         zu = torch.where(split < 0, zu.clamp(max=0), zu)

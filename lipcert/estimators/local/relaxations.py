@@ -41,6 +41,9 @@ class Relaxation:
     dl: torch.Tensor
     du: torch.Tensor
     mixed: torch.Tensor  # bool: a kink lies inside (l, u) and no split decided it
+    # SLACK times the magnitude scale of the interval: a line through the kink with slope s
+    # gets the pad (1 + |su| + |s|) * unit_pad, as relax() pads its own (set by relax())
+    unit_pad: torch.Tensor | None = None
 
 
 def widen(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,7 +173,8 @@ def relax(op: O.Op, l: torch.Tensor, u: torch.Tensor, split: torch.Tensor) -> Re
         raise TypeError(f"no relaxation for {op.kind}")
     scale = torch.maximum(torch.maximum(l.abs(), u.abs()),
                           torch.maximum(r.bl.abs(), r.bu.abs()))
-    pad = SLACK * (1 + r.su.abs() + r.sl.abs()) * scale
+    r.unit_pad = SLACK * scale
+    pad = (1 + r.su.abs() + r.sl.abs()) * r.unit_pad
     r.iu, r.il = r.iu + pad, r.il - pad
     r.bl, r.bu = r.bl - pad, r.bu + pad
     r.iu = poison("local.relaxation", r.iu)
