@@ -125,7 +125,11 @@ def test_same_layer_split_settles_the_neurons_it_implies():
     assert int(unstable[:6].sum()) <= 3
 
 
-def test_branch_and_bound_with_multipliers_reaches_the_mip_value():
+def test_branch_and_bound_with_multipliers_reaches_the_mip_value(monkeypatch):
+    from lipcert.estimators.local import bab
+
+    # split domains optimise whatever the first split's timing says (deterministic)
+    monkeypatch.setattr(bab, "OPTIMIZE_COST_RATIO", math.inf)
     graph = _threshold_net(seed=3)
     region = {"center": np.zeros(6), "eps": 1.0}
     exact = lipcert.bound(graph, "exact", "inf", time_limit=math.inf, **region)
@@ -150,3 +154,17 @@ def test_root_slopes_never_loosen_the_bound():
     tuned = lipcert.bound(graph, "local", "inf", bab_time=0, optimize_steps=20, **region)
     assert tuned.upper <= plain.upper * (1 + 1e-12)
     assert tuned.details["unstable_at_root"] <= plain.details["unstable_at_root"]
+
+
+def test_dear_optimisation_is_left_to_the_root(monkeypatch):
+    """When the first split finds optimised bounds too dear (ratio 0 here), split domains
+    get plain CROWN: the search is then the plain one, domain for domain."""
+    from lipcert.estimators.local import bab
+
+    monkeypatch.setattr(bab, "OPTIMIZE_COST_RATIO", 0.0)
+    graph = _threshold_net(seed=3)
+    region = {"center": np.zeros(6), "eps": 1.0}
+    runs = [lipcert.bound(graph, "local", "inf", bab_time=math.inf, max_domains=400,
+                          optimize_steps=steps, **region) for steps in (20, 0)]
+    assert runs[0].details["domains"] == runs[1].details["domains"]
+    assert runs[0].upper <= runs[1].upper * (1 + 1e-9)  # root alpha, then the same splits

@@ -35,6 +35,9 @@ from .relaxations import Relaxation
 #: would circle the kink where a bound is smallest
 STEP = 0.3
 DECAY = 0.95
+#: rounding pad per unit of the summed terms' magnitude (n u for sums of up to ~1e5
+#: float64 terms, with room)
+MAGNITUDE_SLACK = 1e-10
 #: steps without gain after which the optimisation stops early
 PATIENCE = 6
 
@@ -69,6 +72,9 @@ def _upper(dag: AffineDag, k: int, relaxes: list[Relaxation], xl: torch.Tensor,
     aff = dag.pre[k - 1]
     w = start if k not in beta else start + beta[k] * signs[k][:, None, :]
     const = (w @ aff.bias[:, None])[..., 0]
+    # magnitude of the terms summed into the bound (the multipliers make terms that cancel):
+    # the rounding pad is relative to it, not only to the result
+    mag = (w.abs() @ aff.bias.abs()[:, None])[..., 0]
     coeffs = {j: Factor.of(aff, j).right(w) for j in aff.maps}
     if record is not None and k in beta:
         record[k] = sum(t.abs().sum(-1) for t in coeffs.values())
@@ -87,9 +93,11 @@ def _upper(dag: AffineDag, k: int, relaxes: list[Relaxation], xl: torch.Tensor,
                                * r.unit_pad[:, None, :], i_lo)
         w = pp * r.su[:, None, :] + pn * s_lo
         const = const + (pp * r.iu[:, None, :]).sum(-1) + (pn * i_lo).sum(-1)
+        mag = mag + (pp * r.iu.abs()[:, None, :]).sum(-1) - (pn * i_lo.abs()).sum(-1)
         if j in beta:
             w = w + beta[j] * signs[j][:, None, :]
         const = const + (w @ pre.bias[:, None])[..., 0]
+        mag = mag + (w.abs() @ pre.bias.abs()[:, None])[..., 0]
         norm = 0.0
         for i in pre.maps:
             t = Factor.of(pre, i).right(w)
@@ -99,9 +107,11 @@ def _upper(dag: AffineDag, k: int, relaxes: list[Relaxation], xl: torch.Tensor,
         if record is not None and j in beta:
             record[j] = norm
     a0 = coeffs.get(0)
-    if a0 is None:
-        return const
-    return const + (a0.clamp(min=0) @ xu[..., None] + a0.clamp(max=0) @ xl[..., None])[..., 0]
+    if a0 is not None:
+        const = const + (a0.clamp(min=0) @ xu[..., None]
+                         + a0.clamp(max=0) @ xl[..., None])[..., 0]
+        mag = mag + (a0.abs() @ torch.maximum(xl.abs(), xu.abs())[..., None])[..., 0]
+    return const + MAGNITUDE_SLACK * mag.detach()
 
 
 def optimized_crown(dag: AffineDag, k: int, relaxes: list[Relaxation], xl: torch.Tensor,
