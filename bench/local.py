@@ -3,8 +3,7 @@
 Models: a 784-100-100-10 ReLU MLP trained here on scikit-learn's digits upsampled to 28x28
 (real data, no download; inputs in [0, 1]), and the bundled models/digits_cnn.onnx. For a
 test sample and several eps (box x0 +- eps within [0, 1]) it reports: the bound without
-branching, the BaB bound after 10 s and after 30 s (read from one 30 s run's progress: every
-reported value is a valid bound at that moment), the sampled lower bound in the box
+branching, the BaB bound after 10 s and after 30 s (two runs), the sampled lower bound in the box
 (``lower``), the exact local value when BaB closed the gap, and the global naive linf bound.
 
 ``--scale``: the root bound (no branching) on CIFAR-size convnets, each in a fresh process
@@ -26,6 +25,12 @@ baseline computes.
     python bench/local.py [--eps 0.005,0.01,0.02,0.05] [--budget 30]
     python bench/local.py --scale
     python bench/local.py --baseline
+    python bench/local.py --case
+
+``--case``: the box of ../shared/cases/mnist256x2_x0.npy (mnist-net_256x2, eps 0.03 in
+[0, 1]; exact local constant 19.0962) with 60 s of branch-and-bound, with the split
+multipliers (default) and without (``optimize_steps=0``): the bound after 10, 30 and 60 s
+(three runs each; root before the float32 margin, the others after it).
 """
 
 from __future__ import annotations
@@ -92,14 +97,11 @@ def bench(name: str, graph, x0: np.ndarray, eps_list: list[float], budget: float
     for eps in eps_list:
         region = {"center": x0, "eps": eps, "domain": (0.0, 1.0)}
         root = lipcert.bound(graph, "local", "inf", bab_time=0, **region)
-        seen: list[dict] = []
+        b10 = lipcert.bound(graph, "local", "inf", bab_time=min(10.0, budget),
+                            **region).upper
         t0 = time.perf_counter()
-        bab = lipcert.bound(graph, "local", "inf", bab_time=budget, progress=seen.append,
-                            **region)
+        bab = lipcert.bound(graph, "local", "inf", bab_time=budget, **region)
         elapsed = time.perf_counter() - t0
-        at10 = [s["upper"] for s in seen if s["elapsed"] <= 10.0]
-        margin = bab.details["float32_margin"]
-        b10 = at10[-1] * margin if at10 and elapsed > 10 else bab.upper
         lower = lipcert.bound(graph, "lower", "inf", **region).lower
         print(f"{eps:>7g} {root.details['unstable_at_root']:>8} {root.upper:>10.4f} "
               f"{b10:>10.4f} {bab.upper:>10.4f} {bab.details['domains']:>8} "
@@ -239,6 +241,29 @@ def bench_baseline() -> None:
         print("(../shared/onnx is absent: cifar_base_kw skipped)")
 
 
+def bench_case(budget: float = 60.0) -> None:
+    case = ROOT.parent / "shared" / "cases" / "mnist256x2_x0.npy"
+    net = SHARED_ONNX / "mnist-net_256x2.onnx"
+    if not (case.exists() and net.exists()):
+        print("../shared is absent: the mnist256x2 case is skipped")
+        return
+    graph = lipcert.load(net)
+    x0 = np.load(case).reshape(-1)
+    print(f"mnist-net_256x2, box x0 +- 0.03 in [0, 1] (exact 19.0962), {budget:g} s of BaB")
+    print(f"{'optimize_steps':>14} {'root':>10} {'10 s':>10} {'30 s':>10} {'final':>10} "
+          f"{'domains':>8} {'exact?':>6}  stopped")
+    for steps in (20, 0):
+        runs = [lipcert.bound(graph, "local", "inf", center=x0, eps=0.03, domain=(0.0, 1.0),
+                              bab_time=t, optimize_steps=steps, self_check=False)
+                for t in (10.0, 30.0, budget)]
+        last = runs[-1]
+        print(f"{steps:>14} {last.details['root_bound']:>10.4f} {runs[0].upper:>10.4f} "
+              f"{runs[1].upper:>10.4f} {last.upper:>10.4f} {last.details['domains']:>8} "
+              f"{'yes' if last.details['exact'] else 'no':>6}  {last.details['stopped']} "
+              f"({last.details['bab_seconds']:.1f} s)")
+        sys.stdout.flush()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--eps", default="0.005,0.01,0.02,0.05")
@@ -246,8 +271,13 @@ def main() -> None:
     parser.add_argument("--scale", action="store_true", help="CIFAR-size root bounds only")
     parser.add_argument("--baseline", action="store_true",
                         help="root bounds beside the alpha-CROWN-style baseline")
+    parser.add_argument("--case", action="store_true",
+                        help="the mnist256x2 box of ../shared/cases, with and without beta")
     parser.add_argument("--root-once", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.case:
+        bench_case()
+        return
     if args.baseline:
         bench_baseline()
         return
