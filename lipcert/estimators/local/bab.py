@@ -5,8 +5,10 @@ fixes its Clarke derivative and tightens the relaxations after it. Here the sear
 best-first over (output functional, domain) pairs, with two changes:
 
 * after each split the forward bounds are recomputed under all of the domain's split
-  constraints (interval + CROWN, intersected with the parent's bounds), so activation
-  patterns that the constraints make impossible are pruned as empty domains;
+  constraints (interval + CROWN, intersected with the parent's bounds, and, where the first
+  split shows it affordable, the constraints' beta-CROWN multipliers and alpha slopes of
+  :mod:`.optimized`), so activation patterns that the constraints make impossible are
+  pruned as empty domains and neurons a split decides are settled;
 * a domain with no unstable neuron left has a constant gradient. Its pattern is checked by
   a linear program (box + the exact affine pre-activations of its split neurons, HiGHS):
   infeasible patterns are dropped, and one that holds with a positive margin (on an open

@@ -9,7 +9,9 @@ the linf -> linf Lipschitz constant of f on the box, and certifies |f_j(x) - f_j
 L ||x - x'||_inf for x, x' in the box. In l2 each row's ||G||_2 is bounded instead and the
 Jacobian's operator norm by the l2 norm of the rows' bounds (||J||_2 <= ||J||_F), capped by
 the layer-norm product; the box holds the l2 ball of radius eps. :func:`local_bound` also
-bounds any functional c^T f (a logit difference for certification).
+bounds any functional c^T f (a logit difference for certification). Pre-activation bounds
+use alpha-CROWN slopes and, inside branch-and-bound, beta-CROWN multipliers of the split
+constraints (``optimize_steps``; :mod:`.optimized`).
 """
 
 from __future__ import annotations
