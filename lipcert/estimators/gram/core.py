@@ -127,6 +127,8 @@ def conv_frequency_blocks(kernel: np.ndarray, size: tuple[int, int],
     mh, mw = size
     if kh > mh or kw > mw:
         raise ValueError(f"kernel {kh}x{kw} larger than the circular size {mh}x{mw}")
+    if kh * kw <= DIRECT_DFT_TAPS:
+        return _direct_frequency_blocks(kernel, size, device)
     k = torch.as_tensor(kernel, dtype=torch.float64, device=device)
     # a real kernel's blocks come in conjugate pairs K(-u) = conj K(u) with equal norms:
     # the half spectrum of rfft2 holds every distinct block
@@ -136,6 +138,45 @@ def conv_frequency_blocks(kernel: np.ndarray, size: tuple[int, int],
     fro = float(np.linalg.norm(kernel.reshape(-1)))
     err = 8.0 * math.log2(max(2, n_points)) * U * math.sqrt(n_points) * fro
     return blocks, err * (1 + 1e-6)
+
+
+#: kernels with at most this many taps get their DFT blocks by direct summation (a product
+#: with the taps' phases: 4x faster than the FFT for 3x3 at 33x33, and a smaller error)
+DIRECT_DFT_TAPS = 64
+
+
+def _direct_frequency_blocks(kernel: np.ndarray, size: tuple[int, int],
+                             device: str = "cpu") -> tuple[torch.Tensor, float]:
+    """The blocks of :func:`conv_frequency_blocks` (same order) as K(u, v) = sum over taps
+    (a, b) of w_ab exp(-2 pi i (a u / M_h + b v / M_w)), for few taps.
+
+    Error: each phase is exp(-i theta) with theta = 2 pi m / (M_h M_w) from the exact integer
+    m = (a u M_w + b v M_h) mod M_h M_w, so theta carries at most 3 roundings (|dtheta| <=
+    3 u 2 pi) and cos/sin a few ulps more: |fl(p) - p| <= 64 u, generously. A block entry
+    sum_t w_t p_t (two real dot products of length k) is then within
+    (64 u + sqrt(2) gamma_k (1 + 64 u)) sum_t |w_t| of its value, and a block's error in
+    spectral norm is at most its Frobenius norm, at most that factor times
+    ||(sum_t |w_oi,t|)_oi||_F <= sqrt(k) ||w||_F (Cauchy-Schwarz)."""
+    c_out, c_in, kh, kw = kernel.shape
+    mh, mw = size
+    half = mw // 2 + 1
+    taps = kh * kw
+    a = np.repeat(np.arange(kh), kw)
+    b = np.tile(np.arange(kw), kh)
+    u = np.repeat(np.arange(mh), half)
+    v = np.tile(np.arange(half), mh)
+    period = mh * mw
+    m = (np.outer(u, a) * mw + np.outer(v, b) * mh) % period  # exact integers
+    theta = torch.as_tensor(m, dtype=torch.float64, device=device) * (2.0 * math.pi / period)
+    w = torch.as_tensor(kernel.reshape(c_out * c_in, taps).T.copy(), dtype=torch.float64,
+                        device=device)  # (taps, C_out C_in)
+    blocks = torch.complex(torch.cos(theta) @ w, -(torch.sin(theta) @ w))
+    blocks = blocks.reshape(-1, c_out, c_in)
+    fro = float(np.linalg.norm(kernel.reshape(-1)))
+    factor = 64 * U + math.sqrt(2) * _gamma(taps) * (1 + 64 * U)
+    # products that underflow (subnormal taps) err by at most 2^-1074 each, absolutely
+    underflow = taps * math.sqrt(c_out * c_in) * 2.0**-1074
+    return blocks, (factor * math.sqrt(taps) * fro + underflow) * (1 + 1e-6)
 
 
 def circular_size(n: int, pad_begin: int, pad_end: int, kernel: int, stride: int,
@@ -222,7 +263,7 @@ def _times_power_of_two(x: torch.Tensor, exponent: int) -> torch.Tensor:
 
 
 def certified_block_max(blocks: torch.Tensor, chunk_entries: int = 1 << 24,
-                        refine: int = 2) -> float:
+                        refine: int = 2, prescaled: bool = False) -> float:
     """A certified upper bound on max_b sigma_max(A_b) over a batch of matrices (real or
     complex, as stored): about 2x faster than LAPACK's eigenvalues of every block, and tight
     to about 1e-9 relative.
@@ -237,9 +278,15 @@ def certified_block_max(blocks: torch.Tensor, chunk_entries: int = 1 << 24,
        others are proven below the smaller s). Returns sqrt(s) rounded up; NaN for
        non-finite blocks.
     The blocks are first scaled by a power of two (exact) so that the largest entry is near
-    1: the error bounds above assume no underflow or overflow."""
+    1: the error bounds above assume no underflow or overflow. ``prescaled``: the caller
+    guarantees finite blocks whose largest entry is already within a few powers of two of 1
+    (the DFT blocks of a kernel scaled to [1, 2), :func:`conv_circular_bound`), and the scan
+    and scaling pass (a fifth of the time of a 64-channel layer) is skipped."""
     dtype = torch.complex128 if blocks.is_complex() else torch.float64
     blocks = blocks.to(dtype).resolve_conj()
+    if prescaled:
+        value = _certified_scaled_max(blocks, chunk_entries, refine)
+        return math.nextafter(value, math.inf) if value == value else math.nan
     parts = torch.view_as_real(blocks) if blocks.is_complex() else blocks
     # max |re|, |im| is within sqrt(2) of the largest modulus: enough to choose the scale;
     # NaN propagates through max and inf stays inf, so this also finds non-finite blocks
@@ -359,8 +406,12 @@ def _scaled_circular_bound(weight, in_hw, stride, pads, dilation, groups, iterat
         blocks_all.append(blocks)
         errs.append(err)
     if spectral == "eigh":
-        # one certificate for all groups' blocks: the max over them is what is bounded
-        value = certified_block_max(blocks_all[0] if groups == 1 else torch.cat(blocks_all))
+        # one certificate for all groups' blocks: the max over them is what is bounded. The
+        # kernel's largest entry is in [1, 2) and all are finite, so every block entry is at
+        # most 2 kh kw, and by Parseval (sum over frequencies of |K(f)|^2 = N sum |w|^2 >= N)
+        # some block entry is at least 1 / sqrt(C_out C_in): no rescaling needed
+        value = certified_block_max(blocks_all[0] if groups == 1 else torch.cat(blocks_all),
+                                    prescaled=True)
         return math.nextafter(value + max(errs), math.inf) if value == value else math.nan
     bounds = gram_spectral_bounds(torch.cat(blocks_all), iterations)
     per_group = bounds.reshape(groups, -1).max(dim=1).values.cpu().numpy()
