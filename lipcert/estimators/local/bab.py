@@ -92,7 +92,14 @@ class LocalProblem:
         d = len(queries)
         steps = self.iterations if iterations is None else iterations
         if splits is None and prior is None:  # the root: one box for every query
-            fwd = forward_bounds(self.dag, self.xl, self.xu, iterations=steps,
+            start = None
+            if steps > 0:
+                # plain CROWN first, as the prior of the optimised pass: CROWN's own slope
+                # choice is not monotone in the bounds before it, so optimised earlier
+                # layers alone could loosen a later one; the intersection never does
+                plain = forward_bounds(self.dag, self.xl, self.xu)
+                start = (plain.zl, plain.zu)
+            fwd = forward_bounds(self.dag, self.xl, self.xu, prior=start, iterations=steps,
                                  deadline=deadline).expand(d)
         else:
             fwd = forward_bounds(self.dag, self.xl.expand(d, -1), self.xu.expand(d, -1),
