@@ -43,6 +43,8 @@ from .jacobian import ForwardBounds, forward_bounds, jacobian_bound
 #: 19 (digits_mlp, gap closed in 1.5 s instead of open after 10 s), 56 and 122
 #: (digits_resnet, digits_cnn: plain branching ends lower at equal time)
 OPTIMIZE_COST_RATIO = 30.0
+#: ... and when the probe fits in this share of the time budget
+PROBE_SHARE = 0.1
 
 
 @dataclass
@@ -215,6 +217,7 @@ class _Search:
         # optimisation steps for split domains: decided on the first split (None: not yet)
         self.child_steps: int | None = None if problem.iterations > 0 else 0
         self.deadline = math.inf  # no optimisation step after it (the time budget's end)
+        self.budget = math.inf  # the time budget (seconds)
 
     def _priority(self, dom: Domain) -> float:
         if self.targets is None:
@@ -282,7 +285,8 @@ class _Search:
             t0 = time.perf_counter()
             self.problem.evaluate(queries, stacked, prior, iterations=0)
             t1 = time.perf_counter()
-            cap = t1 + OPTIMIZE_COST_RATIO * (t1 - t0)  # the probe costs at most this
+            # the probe costs at most RATIO plain batches and a tenth of the time budget
+            cap = t1 + min(OPTIMIZE_COST_RATIO * (t1 - t0), PROBE_SHARE * self.budget)
             fwd, upper, branches = self.problem.evaluate(queries, stacked, prior,
                                                          deadline=min(cap, self.deadline))
             cheap = time.perf_counter() <= cap
@@ -341,7 +345,7 @@ def branch_and_bound(problem: LocalProblem, *, time_budget: float, max_domains: 
     n_q = problem.c.shape[0]
     fwd, upper, branches = problem.evaluate(list(range(n_q)), None, None)
     search = _Search(problem, n_q, targets)
-    search.deadline = start + time_budget
+    search.deadline, search.budget = start + time_budget, time_budget
     sizes = problem.dag.sizes[1:]
     for q in range(n_q):
         if not _infeasible(float(upper[q])):
