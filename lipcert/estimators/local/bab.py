@@ -204,7 +204,8 @@ class _Search:
     as a closed value, never split. A leaf above t_q, or a value attained above it, means
     the query cannot get below t_q by this method (``hopeless``)."""
 
-    def __init__(self, problem: LocalProblem, n_q: int, targets: np.ndarray | None = None):
+    def __init__(self, problem: LocalProblem, n_q: int, targets: np.ndarray | None = None,
+                 start: float = 0.0, time_budget: float = math.inf):
         self.problem = problem
         self.heap: list[tuple[float, int, Domain]] = []
         self.counter = itertools.count()
@@ -216,8 +217,8 @@ class _Search:
         self.hopeless = False
         # optimisation steps for split domains: decided on the first split (None: not yet)
         self.child_steps: int | None = None if problem.iterations > 0 else 0
-        self.deadline = math.inf  # no optimisation step after it (the time budget's end)
-        self.budget = math.inf  # the time budget (seconds)
+        self.deadline = start + time_budget  # no optimisation step after it
+        self.budget = time_budget  # seconds
 
     def _priority(self, dom: Domain) -> float:
         if self.targets is None:
@@ -344,8 +345,7 @@ def branch_and_bound(problem: LocalProblem, *, time_budget: float, max_domains: 
     start = time.perf_counter()
     n_q = problem.c.shape[0]
     fwd, upper, branches = problem.evaluate(list(range(n_q)), None, None)
-    search = _Search(problem, n_q, targets)
-    search.deadline, search.budget = start + time_budget, time_budget
+    search = _Search(problem, n_q, targets, start, time_budget)
     sizes = problem.dag.sizes[1:]
     for q in range(n_q):
         if not _infeasible(float(upper[q])):

@@ -36,9 +36,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ...ir import ops as O
-from ...ir.linear_operators import LinearOperator
 from ...ir.lowering import Affine, AffineDag
 from ...soundness import checked_array, poison
+from .factor import Factor
+from .optimized import optimized_crown
 from .relaxations import SLACK, Relaxation, needs_bounds, relax, widen
 
 INFEASIBLE_TOL = 1e-9
@@ -71,27 +72,6 @@ def _interval(affine: Affine, lows: list[torch.Tensor], ups: list[torch.Tensor])
         lo = lo + lows[j] @ mp + ups[j] @ mn
         hi = hi + ups[j] @ mp + lows[j] @ mn
     return lo, hi
-
-
-@dataclass(frozen=True)
-class Factor:
-    """A matrix T of products p @ T: a map M of the DAG (``transposed`` False) or its
-    transpose, dense or, where the DAG has one, through its matrix-free operator."""
-
-    matrix: torch.Tensor  # T itself (a view of M^T when transposed)
-    operator: LinearOperator | None = None
-    transposed: bool = False
-
-    @staticmethod
-    def of(affine: Affine, j: int, transposed: bool = False) -> Factor:
-        m = affine.maps[j]
-        return Factor(m.T if transposed else m, affine.ops.get(j), transposed)
-
-    def right(self, p: torch.Tensor) -> torch.Tensor:
-        """p @ T for p of shape (..., rows of T)."""
-        if self.operator is None:
-            return p @ self.matrix
-        return self.operator.times_transpose(p) if self.transposed else self.operator.times(p)
 
 
 def substitute(p: torch.Tensor, lo: tuple[torch.Tensor, torch.Tensor],
@@ -177,7 +157,6 @@ def forward_bounds(dag: AffineDag, xl: torch.Tensor, xu: torch.Tensor,
     ``iterations`` > 0: CROWN's lower slopes and the multipliers of the split constraints
     are optimised by that many projected gradient steps (:mod:`.optimized`), per row, none
     after ``deadline`` (a time.perf_counter() value)."""
-    from .optimized import optimized_crown
     d = xl.shape[0]
     lows, ups = [xl], [xu]
     zls, zus, relaxes = [], [], []

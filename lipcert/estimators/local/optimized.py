@@ -27,7 +27,7 @@ import torch
 
 from ...ir import ops as O
 from ...ir.lowering import AffineDag
-from .jacobian import Factor
+from .factor import Factor
 from .relaxations import Relaxation
 
 #: Adam's step size (slopes lie in [p, q], multipliers are scaled to order 1), shrunk by
