@@ -13,6 +13,13 @@ float64 IR forward and are reduced by 2 * delta, delta = 4 * max |onnxruntime - 
 the data + 16 * 2^-24 * max |logit|: an assumed bound on float32 evaluation error near the
 data, stated in the notes.
 
+Box-scoped methods (``local``) bound the gradient on K nested boxes x0 +- s_k, s_K = eps,
+and certify by the integral form of the mean-value argument (:func:`shell_radius`): along
+the segment from x0 to x, ||x - x0|| = r, the point at distance s lies in the box of radius
+s, so |m(x) - m(x0)| <= int_0^r L(s) ds with L(s) the bound on the smallest shell holding
+radius s. The gradient near x0 is usually much smaller than on the whole box, so the
+radius grows (K = 1 is the plain margin / L).
+
 One loop serves every method (:func:`certify`): a global method bounds each pair's logit
 difference once (:func:`pairwise_lipschitz`), a box-scoped one (``local``) bounds all of a
 sample's pairs on its own box; both go through :func:`~lipcert.estimators.run_estimator`,
@@ -24,6 +31,7 @@ attacked inside its radius (:mod:`lipcert.selfcheck`).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +45,7 @@ from .data import read_arrays
 from .errors import InputError, InternalCheckFailed, MethodNotApplicable
 from .estimators import Bound, Estimator, get_estimator, run_estimator
 from .estimators.common.region import box_from_options, parse_domain, parse_eps
-from .estimators.common.rounding import mul_up, sqrt_up
+from .estimators.common.rounding import add_up, mul_up, sqrt_up, up
 from .ir import evaluate
 from .ir import ops as O
 from .ir.graph import Graph, Node
@@ -198,6 +206,75 @@ def certified_radius(margins: np.ndarray, lips: np.ndarray, cap: float = math.in
     return math.nextafter(ratio, 0.0) if math.isfinite(ratio) else math.inf
 
 
+#: nested boxes per sample for box-scoped methods (radii eps k / K)
+DEFAULT_SHELLS = 8
+
+
+def shell_radii(eps: float, shells: int) -> list[float]:
+    """The nominal radii eps k / K of the nested boxes (the last exactly eps)."""
+    return [eps * k / shells for k in range(1, shells)] + [eps]
+
+
+def held_radius(center: np.ndarray, low: np.ndarray, high: np.ndarray,
+                domain: tuple[float, float] | None) -> float:
+    """The largest s (rounded down) such that every real point of the domain within linf
+    distance s of ``center`` lies in the float box [low, high]: a side clipped to the
+    domain holds all of it; any other side holds its distance to the centre."""
+    room = [np.nextafter(center - low, 0.0), np.nextafter(high - center, 0.0)]
+    if domain is not None:  # a side clipped at the domain's edge holds every domain point
+        room[0] = np.where(low <= domain[0], np.inf, room[0])
+        room[1] = np.where(high >= domain[1], np.inf, room[1])
+    value = float(min(room[0].min(), room[1].min()))
+    return value if value >= 0 else 0.0  # NaN cannot occur (finite inputs); never < 0
+
+
+def shell_radius(margins: np.ndarray, radii: np.ndarray, lips: np.ndarray,
+                 cap: float) -> float:
+    """Certified radius from gradient bounds on nested boxes (the module doc's integral).
+
+    ``radii`` (K,) increasing: the gradient of pair j's logit difference is bounded by
+    ``lips[k, j]`` on every point within radius radii[k] (the last box, radius ``cap``,
+    holds the segment from the sample to any point of it). The decrease of margin j at
+    distance r is at most F_j(r) = sum over shells of (min(r, s_k) - s_{k-1})^+ L_kj, a
+    piecewise-linear function, evaluated rounded up; the radius is the largest r <= cap
+    (rounded down) with F_j(r) < margins_j for every j, or ``cap`` when F_j(cap) is below
+    every margin. 0.0 unless every margin is a finite number > 0; NaN or negative bounds
+    are internal errors. K = 1 is the plain min_j margins_j / L_j."""
+    margins = np.asarray(margins, dtype=np.float64)
+    lips = checked_array(np.asarray(lips, dtype=np.float64).reshape(len(radii), -1),
+                         "a logit-difference gradient bound", nonnegative=True)
+    if margins.size == 0 or not (np.all(margins > 0) and np.all(np.isfinite(margins))):
+        return 0.0
+    # a shell's box lies inside the next one's: its bound is at most every outer bound
+    lips = np.minimum.accumulate(lips[::-1], axis=0)[::-1]
+    edges = [0.0] + [float(r) for r in radii]
+    radius = cap
+    for j, margin in enumerate(margins):
+        spent = 0.0  # F_j at edges[k], rounded up
+        for k in range(len(radii)):
+            lip = float(lips[k, j])
+            step = add_up(spent, mul_up(up(edges[k + 1] - edges[k]), lip))
+            if step < margin:
+                spent = step
+                continue
+            if not lip > 0:  # reached by rounding alone: F_j(edges[k]) = spent < margin
+                radius = min(radius, edges[k])
+                break
+            # margin reached inside shell k: edges[k] + (margin - spent) / lip, checked
+            r = edges[k] + (margin - spent) / lip
+            for _ in range(4):
+                if not r > edges[k] or add_up(spent, mul_up(up(r - edges[k]), lip)) < margin:
+                    break
+                r = math.nextafter(r, 0.0) * (1 - 1e-15)
+            if not (r > edges[k] and add_up(spent, mul_up(up(r - edges[k]), lip)) < margin):
+                r = edges[k]  # F_j(edges[k]) = spent < margin
+            radius = min(radius, r)
+            break
+    if not radius < cap:
+        return cap
+    return radius if radius > 0 else 0.0
+
+
 class _Onnxruntime:
     """The model as it runs: onnxruntime logits and predictions for batches of inputs."""
 
@@ -237,6 +314,7 @@ class Certification:
     slack: float
     notes: list[str] = field(default_factory=list)
     radius_cap: float = math.inf  # local bounds hold on the eps box only: radii <= eps
+    shells: int = 1  # nested boxes per sample (box-scoped methods)
     details: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -344,14 +422,14 @@ def _evaluate(graph: Graph, x: np.ndarray) -> _Evaluation:
 
 
 def _sample_task(payload: dict[str, Any], i: int) -> list[float]:
-    """The bounds on one sample's logit differences over its box (run in a worker)."""
+    """The bounds on one sample's logit differences over its nested boxes, shell-major (run
+    in a worker)."""
     label = int(payload["y"][i])
-    others = _others(label, payload["n_classes"])
-    lips, _, _ = _box_bounds(payload["graph"], payload["method"], payload["norm"],
-                             payload["x"][i], payload["eps"], label, others,
-                             payload["n_classes"], payload["options"],
-                             payload.get("targets_of", {}).get(i))
-    return [float(v) for v in lips]
+    lips = _shell_bounds(payload["graph"], payload["method"], payload["norm"],
+                         payload["x"][i], payload["eps"], payload["shells"], label,
+                         payload["n_classes"], payload["options"],
+                         payload.get("margins_of", {}).get(i))
+    return [float(v) for v in lips.reshape(-1)]
 
 
 def certify(graph: Graph, x: np.ndarray, y: np.ndarray, *, eps: float, method: str = "naive",
@@ -359,7 +437,8 @@ def certify(graph: Graph, x: np.ndarray, y: np.ndarray, *, eps: float, method: s
             progress: Callable[[int, int], None] | None = None,
             self_check: bool = True, workers: int = 1,
             checkpoint: str | Path | None = None, resume: bool = False,
-            ray: str | None = None, pair_bounds: str = "each") -> Certification:
+            ray: str | None = None, pair_bounds: str = "each",
+            shells: int | None = None) -> Certification:
     """Certified radius of every sample from logit-difference bounds (see the module doc).
 
     ``workers`` > 1 bounds the samples' boxes (box-scoped methods) in that many processes;
@@ -368,7 +447,9 @@ def certify(graph: Graph, x: np.ndarray, y: np.ndarray, *, eps: float, method: s
     "local") runs that work as tasks on a Ray cluster instead. Radii are computed here, in
     sample order, from the per-sample bounds, whichever mode computed those.
     ``pair_bounds`` "global" (global methods) bounds f once and gives every pair
-    ||e_y - e_j||_q L (:func:`pairs_from_global`) instead of bounding each pair."""
+    ||e_y - e_j||_q L (:func:`pairs_from_global`) instead of bounding each pair.
+    ``shells`` (box-scoped methods; default :data:`DEFAULT_SHELLS`): nested boxes per
+    sample (:func:`shell_radius`); 1 bounds the eps box alone."""
     eps = parse_eps(eps)
     estimator = _check_method(method, norm)
     options = dict(options or {})
@@ -381,6 +462,7 @@ def certify(graph: Graph, x: np.ndarray, y: np.ndarray, *, eps: float, method: s
     if box_scoped and not eps > 0:
         raise InputError(f"method {method} bounds each sample's box x +- eps: give --eps > 0")
     domain = parse_domain(options.get("domain")) if box_scoped else None
+    shells = _check_shells(shells, box_scoped, method)
     x, n_classes = _check_data(graph, x, y, domain)
     ev = _evaluate(graph, x)
     cap = eps if box_scoped else math.inf
@@ -389,19 +471,32 @@ def certify(graph: Graph, x: np.ndarray, y: np.ndarray, *, eps: float, method: s
     ckpt = None if checkpoint is None else Checkpoint(checkpoint, header(
         graph.meta.get("sha256"), data_hash(x, y), method, norm, eps,
         {**{k: v for k, v in options.items() if k != "progress"},
-         **({"pair_bounds": pair_bounds} if pair_bounds != "each" else {})}), resume)
+         **({"pair_bounds": pair_bounds} if pair_bounds != "each" else {}),
+         **({"shells": shells} if shells != 1 else {})}), resume)
     cluster = None
     try:
         if ray is not None:
             cluster = RayCluster(ray, num_cpus=workers if workers > 1 else None)
         return _certify_samples(graph, x, y, eps, method, norm, options, progress, self_check,
                                 (workers, cluster), ckpt, ev, n_classes, box_scoped, cap,
-                                domain, pair_bounds)
+                                domain, pair_bounds, shells)
     finally:
         if ckpt is not None:
             ckpt.close()
         if cluster is not None:
             cluster.close()
+
+
+def _check_shells(shells: int | None, box_scoped: bool, method: str) -> int:
+    """The number of nested boxes: DEFAULT_SHELLS for box-scoped methods, 1 otherwise."""
+    if shells is None:
+        return DEFAULT_SHELLS if box_scoped else 1
+    if isinstance(shells, bool) or not isinstance(shells, (int, np.integer)) or shells < 1:
+        raise InputError(f"shells {shells!r}: give a whole number >= 1")
+    if shells > 1 and not box_scoped:
+        raise InputError(f"--shells is for box-scoped methods (local); {method} bounds the "
+                         "whole input space once")
+    return int(shells)
 
 
 def _margins(ev, y: np.ndarray, n_classes: int) -> tuple[np.ndarray, dict[int, np.ndarray]]:
@@ -443,14 +538,12 @@ def _global_pair_bounds(graph, method, norm, options, progress, self_check, wher
 
 def _certify_samples(graph, x, y, eps, method, norm, options, progress, self_check, where,
                      ckpt, ev, n_classes, box_scoped, cap, domain,
-                     pair_bounds_from: str = "each") -> Certification:
+                     pair_bounds_from: str = "each", shells: int = 1) -> Certification:
     radii = np.zeros(len(x))
     margins, diffs_of = _margins(ev, y, n_classes)
     if box_scoped:
-        # the bound each pair needs for radius eps: branch-and-bound stops once all are met
-        targets_of = {i: d / eps * (1.0 - 1e-12) for i, d in diffs_of.items()}
         lips_of = _box_bounds_of(graph, x, y, eps, method, norm, options, n_classes,
-                                 sorted(diffs_of), where, ckpt, progress, targets_of)
+                                 sorted(diffs_of), where, ckpt, progress, diffs_of, shells)
         pair_bounds = np.zeros((n_classes, n_classes))
     else:
         pair_bounds = _global_pair_bounds(graph, method, norm, options, progress, self_check,
@@ -460,13 +553,17 @@ def _certify_samples(graph, x, y, eps, method, norm, options, progress, self_che
         label = int(y[i])
         others = _others(label, n_classes)
         if box_scoped:
-            lips = np.asarray(lips_of[i], dtype=np.float64)
-            pair_bounds[label, others] = np.maximum(pair_bounds[label, others], lips)
-            boxes.append((*_box(x[i], eps, options), _queries(label, others, n_classes),
-                          lips))
+            lips = np.asarray(lips_of[i], dtype=np.float64).reshape(shells, len(others))
+            pair_bounds[label, others] = np.maximum(pair_bounds[label, others], lips[-1])
+            shell_boxes = [_box(x[i], r, options) for r in shell_radii(eps, shells)]
+            held = [held_radius(x[i].reshape(-1), lo, hi, domain) for lo, hi in shell_boxes]
+            held[-1] = eps  # the eps box holds the segment to any of its points
+            held = np.minimum.accumulate(np.array(held)[::-1])[::-1]
+            for (lo, hi), row in zip(shell_boxes, lips, strict=True):
+                boxes.append((lo, hi, _queries(label, others, n_classes), row))
+            radii[i] = shell_radius(diffs, held, lips, cap)
         else:
-            lips = pair_bounds[label, others]
-        radii[i] = certified_radius(diffs, lips, cap)
+            radii[i] = certified_radius(diffs, pair_bounds[label, others], cap)
     notes = list(ev.notes)
     workers, cluster = where
     if pair_bounds_from == "global":
@@ -484,8 +581,12 @@ def _certify_samples(graph, x, y, eps, method, norm, options, progress, self_che
             notes.append(f"{ckpt.resumed} samples read back from the checkpoint {ckpt.path}")
         notes.append(f"{method} bounds on each sample's box x +- {eps:g} (linf); radii are "
                      "capped at eps; pair bounds shown are the largest over the samples")
+        if shells > 1:
+            notes.append(f"radii from {shells} nested boxes x +- eps k/{shells} (the margin's "
+                         "decrease is at most the integral of the gradient bound over the "
+                         "distance; docs/ARCHITECTURE.md)")
     cert = Certification(method, norm, eps, y, ev.predictions, margins, radii, pair_bounds,
-                         ev.slack, notes + list(graph.notes), radius_cap=cap)
+                         ev.slack, notes + list(graph.notes), radius_cap=cap, shells=shells)
     if self_check:
         _self_check(graph, cert, x, ev.runtime, boxes, domain)
     else:
@@ -518,21 +619,23 @@ def _self_check(graph: Graph, cert: Certification, x: np.ndarray,
 
 
 def _box_bounds_of(graph, x, y, eps, method, norm, options, n_classes, todo: list[int],
-                   where: tuple, ckpt, progress,
-                   targets_of: dict[int, np.ndarray] | None = None) -> dict[int, list[float]]:
+                   where: tuple, ckpt, progress, margins_of: dict[int, np.ndarray] | None = None,
+                   shells: int = 1) -> dict[int, list[float]]:
     """Per-sample bounds for the samples ``todo``: from the checkpoint where it has them,
     the others computed (in ``workers`` processes) and appended to it as they finish."""
     wanted = set(todo)
     found = {} if ckpt is None else {i: b for i, b in ckpt.samples.items() if i in wanted}
-    for i, bounds in found.items():  # one bound per other class, each a number >= 0
-        if len(bounds) != n_classes - 1:
+    for i, bounds in found.items():  # one bound per shell and other class, each >= 0
+        if len(bounds) != shells * (n_classes - 1):
             raise InputError(f"--resume: the checkpoint holds {len(bounds)} bounds for sample "
-                             f"{i}, the model has {n_classes - 1} other classes")
+                             f"{i}; {shells} shells of a model with {n_classes} classes need "
+                             f"{shells * (n_classes - 1)}")
     if ckpt is not None:
         ckpt.resumed = len(found)
     missing = [i for i in todo if i not in found]
     payload = {"graph": graph, "x": x, "y": y, "eps": eps, "method": method, "norm": norm,
-               "options": options, "n_classes": n_classes, "targets_of": targets_of or {}}
+               "options": options, "n_classes": n_classes, "margins_of": margins_of or {},
+               "shells": shells}
     if progress:
         progress(len(found), len(todo))
     for i, bounds, seconds, worker in run_samples(_sample_task, payload, missing, *where):
@@ -562,10 +665,10 @@ def _box(x: np.ndarray, eps: float, options: dict) -> tuple[np.ndarray, np.ndarr
 
 def _box_bounds(graph: Graph, method: str, norm: str, x: np.ndarray, eps: float, label: int,
                 others: np.ndarray, n_classes: int, options: dict,
-                targets: np.ndarray | None = None):
-    """Bounds on ||grad (f_y - f_j)|| over the sample's own box, one per other class j; also
-    the box and the query rows (checked for all samples together afterwards). ``targets``:
-    the bounds that would certify radius eps (the method may stop refining once met)."""
+                targets: np.ndarray | None = None) -> np.ndarray:
+    """Bounds on ||grad (f_y - f_j)|| over the sample's box x +- eps, one per other class j
+    (checked for all samples together afterwards). ``targets``: the bounds the certificate
+    needs (the method may stop refining once they are met)."""
     c = _queries(label, others, n_classes)
     region = {**options, "center": x.reshape(-1), "eps": eps, "queries": c}
     if targets is not None and get_estimator(method).takes_targets:
@@ -573,8 +676,55 @@ def _box_bounds(graph: Graph, method: str, norm: str, x: np.ndarray, eps: float,
     result = _bound_or_raise(run_estimator(graph, method, norm, self_check=False, **region),
                              method)
     lips = result.per_query if result.per_query is not None else [result.upper] * len(others)
-    lips = checked_array(np.array([poison("certify.pair_bound", v) for v in lips],
+    return checked_array(np.array([poison("certify.pair_bound", v) for v in lips],
                                   dtype=np.float64), "a local logit-difference bound",
                          nonnegative=True)
-    low, high, _ = box_from_options(region, x.size)
-    return lips, (low, high), c
+
+
+def _shell_bounds(graph: Graph, method: str, norm: str, x: np.ndarray, eps: float,
+                  shells: int, label: int, n_classes: int, options: dict,
+                  margins: np.ndarray | None = None) -> np.ndarray:
+    """Gradient bounds (shells, pairs) on the sample's nested boxes x +- eps k / shells.
+
+    Every box gets its root bound (bab_time 0), the eps box first: a sample it certifies
+    alone needs no inner box (they get its bounds). With a budget ``bab_time`` T > 0 and the
+    sample not yet certified, branch-and-bound refines one box at a time, the box whose
+    share of the binding pairs' integral (:func:`shell_radius`) is largest first, for a
+    share of the time left proportional to it; its targets ask each pair j for the
+    reduction F_j would need if every box were reduced alike (L_kj m_j / F_j), recomputed
+    after each box, and it stops as soon as the sample is certified."""
+    others = _others(label, n_classes)
+    radii = shell_radii(eps, shells)
+    budget = float(options.get("bab_time", 0.0))
+    root_options = {**options, "bab_time": 0.0}
+    outer = _box_bounds(graph, method, norm, x, eps, label, others, n_classes, root_options)
+    margins = None if margins is None else np.asarray(margins, dtype=np.float64)
+    if margins is not None and np.all(eps * outer < margins):  # NaN fails
+        # certified by the eps box alone: the radius is eps whatever the inner boxes give;
+        # each inner box lies in the eps box, so its bound stands for theirs
+        return np.tile(outer, (shells, 1))
+    lips = np.stack([_box_bounds(graph, method, norm, x, r, label, others, n_classes,
+                                 root_options) for r in radii[:-1]] + [outer])
+    if not budget > 0 or margins is None:
+        return lips
+    widths = np.diff([0.0] + radii)[:, None]
+    deadline = time.perf_counter() + budget
+    todo = list(range(shells))
+    while todo:
+        lips = np.minimum.accumulate(lips[::-1], axis=0)[::-1]
+        total = (widths * lips).sum(axis=0)  # F_j(eps), nominal
+        binding = ~(total < margins)
+        left = deadline - time.perf_counter()
+        if not binding.any() or not left > 0:
+            break
+        share = (widths * lips)[:, binding] / margins[binding]
+        weight = share.max(axis=1)
+        k = max(todo, key=lambda s: weight[s])
+        todo.remove(k)
+        seconds = left * weight[k] / max(weight[todo + [k]].sum(), 1e-300)
+        with np.errstate(divide="ignore", invalid="ignore"):  # total > 0 where binding
+            targets = np.where(binding, lips[k] * margins / total * (1 - 1e-9), lips[k])
+        refined = _box_bounds(graph, method, norm, x, radii[k], label, others, n_classes,
+                              {**options, "bab_time": seconds}, targets)
+        lips[k] = np.minimum(lips[k], refined)
+    return lips

@@ -266,9 +266,13 @@ def bound(model: str, method: str, norm: str, json_out: str | None, no_verify: b
               help="global methods: bound each class pair's logit difference (each), or "
                    "bound f once and use ||e_y - e_j|| L for every pair (global: one run; "
                    "the radius 1-Lipschitz training claims)  [default: each]")
+@click.option("--shells", type=int, default=None,
+              help="local: nested boxes per sample (radius from the integral of their "
+                   "gradient bounds; 1 = the eps box alone)  [default: 8]")
 def certify(model, data, labels, eps, norm, method, gate, report_eps, json_out, junit,
             junit_per_sample, config_path, no_verify, device, raw_options,
-            no_self_check, workers, checkpoint, resume, ray_address, pair_bounds) -> None:
+            no_self_check, workers, checkpoint, resume, ray_address, pair_bounds,
+            shells) -> None:
     """Certified radius per sample and certified accuracy; a CI gate (exit 1 below it)."""
     from rich.progress import (
         BarColumn,
@@ -314,6 +318,7 @@ def certify(model, data, labels, eps, norm, method, gate, report_eps, json_out, 
     checkpoint = checkpoint or cfg.get("checkpoint")
     ray_address = ray_address or cfg.get("ray")
     pair_bounds = pair_bounds or cfg.get("pair_bounds", "each")
+    shells = shells if shells is not None else cfg.get("shells")
     if resume and not checkpoint:
         raise InputError("--resume needs --checkpoint FILE (the run to continue)")
     if checkpoint:
@@ -331,7 +336,7 @@ def certify(model, data, labels, eps, norm, method, gate, report_eps, json_out, 
         cert = C.certify(graph, x, y, eps=eps, method=method, norm=norm, options=options,
                          progress=tick, self_check=not no_self_check, workers=workers,
                          checkpoint=checkpoint, resume=resume, ray=ray_address,
-                         pair_bounds=pair_bounds)
+                         pair_bounds=pair_bounds, shells=shells)
     summary = cert.summary(eps_list)
     print_table(certify_table(graph, cert, summary, gate), to_stderr=json_out == "-")
     if json_out:

@@ -128,7 +128,7 @@ def certify_payload(graph: Graph, cert, summary: dict[str, Any], gate: float | N
     payload = {
         "lipcert_version": __version__, "model": model_info(graph),
         "method": cert.method, "norm": cert.norm, "eps": cert.eps,
-        "summary": summary, "notes": cert.notes,
+        "shells": cert.shells, "summary": summary, "notes": cert.notes,
         "gate": None if gate is None else {
             "min_certified_accuracy": gate,
             "passed": summary["certified_accuracy"] >= gate},
