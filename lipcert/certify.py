@@ -428,7 +428,7 @@ def _sample_task(payload: dict[str, Any], i: int) -> list[float]:
     lips = _shell_bounds(payload["graph"], payload["method"], payload["norm"],
                          payload["x"][i], payload["eps"], payload["shells"], label,
                          payload["n_classes"], payload["options"],
-                         payload.get("margins_of", {}).get(i))
+                         payload["margins_of"][i])
     return [float(v) for v in lips.reshape(-1)]
 
 
@@ -619,7 +619,7 @@ def _self_check(graph: Graph, cert: Certification, x: np.ndarray,
 
 
 def _box_bounds_of(graph, x, y, eps, method, norm, options, n_classes, todo: list[int],
-                   where: tuple, ckpt, progress, margins_of: dict[int, np.ndarray] | None = None,
+                   where: tuple, ckpt, progress, margins_of: dict[int, np.ndarray],
                    shells: int = 1) -> dict[int, list[float]]:
     """Per-sample bounds for the samples ``todo``: from the checkpoint where it has them,
     the others computed (in ``workers`` processes) and appended to it as they finish."""
@@ -634,7 +634,7 @@ def _box_bounds_of(graph, x, y, eps, method, norm, options, n_classes, todo: lis
         ckpt.resumed = len(found)
     missing = [i for i in todo if i not in found]
     payload = {"graph": graph, "x": x, "y": y, "eps": eps, "method": method, "norm": norm,
-               "options": options, "n_classes": n_classes, "margins_of": margins_of or {},
+               "options": options, "n_classes": n_classes, "margins_of": margins_of,
                "shells": shells}
     if progress:
         progress(len(found), len(todo))
@@ -683,7 +683,7 @@ def _box_bounds(graph: Graph, method: str, norm: str, x: np.ndarray, eps: float,
 
 def _shell_bounds(graph: Graph, method: str, norm: str, x: np.ndarray, eps: float,
                   shells: int, label: int, n_classes: int, options: dict,
-                  margins: np.ndarray | None = None) -> np.ndarray:
+                  margins: np.ndarray) -> np.ndarray:
     """Gradient bounds (shells, pairs) on the sample's nested boxes x +- eps k / shells.
 
     Every box gets its root bound (bab_time 0), the eps box first: a sample it certifies
@@ -698,14 +698,14 @@ def _shell_bounds(graph: Graph, method: str, norm: str, x: np.ndarray, eps: floa
     budget = float(options.get("bab_time", 0.0))
     root_options = {**options, "bab_time": 0.0}
     outer = _box_bounds(graph, method, norm, x, eps, label, others, n_classes, root_options)
-    margins = None if margins is None else np.asarray(margins, dtype=np.float64)
-    if margins is not None and np.all(eps * outer < margins):  # NaN fails
+    margins = np.asarray(margins, dtype=np.float64)
+    if np.all(eps * outer < margins):  # NaN fails
         # certified by the eps box alone: the radius is eps whatever the inner boxes give;
         # each inner box lies in the eps box, so its bound stands for theirs
         return np.tile(outer, (shells, 1))
     lips = np.stack([_box_bounds(graph, method, norm, x, r, label, others, n_classes,
                                  root_options) for r in radii[:-1]] + [outer])
-    if not budget > 0 or margins is None:
+    if not budget > 0:
         return lips
     widths = np.diff([0.0] + radii)[:, None]
     deadline = time.perf_counter() + budget
