@@ -13,6 +13,7 @@ from torch import nn
 import lipcert
 from lipcert.estimators.gram import core as G
 from lipcert.estimators.gram import exact_conv as E
+from lipcert.estimators.gram import semi_circular as S
 from lipcert.estimators.gram.estimator import GramEstimator, merged_residual_conv
 from lipcert.ir import evaluate
 from lipcert.ir import ops as O
@@ -324,3 +325,104 @@ def test_direct_dft_blocks_match_the_fft_within_their_error(c_out, c_in, kh, kw,
     gap = torch.linalg.matrix_norm(direct - fft, 2).max().item() if direct.numel() else 0.0
     assert gap <= err
     assert err <= 1e-11 * max(1.0, float(np.linalg.norm(w)))  # the bound is not vacuous
+
+
+def _semi_dense(w, n, m):
+    """max over w-frequencies of the dense norm of T(v), built from its definition (stride 1,
+    dilation 1, 'same' padding of a k x k kernel, circular size m along w): independent of
+    the banded code."""
+    c_out, c_in, k, _ = w.shape
+    pad = (k - 1) // 2
+    best = 0.0
+    for v in range(m):
+        taps = np.tensordot(w, np.exp(-2j * np.pi * np.arange(k) * v / m), axes=([3], [0]))
+        t = np.zeros((n, c_out, n, c_in), complex)
+        for i in range(n):
+            for a in range(k):
+                if 0 <= i + a - pad < n:
+                    t[i, :, i + a - pad, :] += taps[:, :, a]
+        best = max(best, np.linalg.norm(t.reshape(n * c_out, n * c_in), 2))
+    return best
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=FILTERED)
+@given(case=conv_cases)
+def test_semi_circular_candidate_is_sound_and_below_the_circular_one(case):
+    usable = _usable_case(case, 1024)
+    assume(usable is not None)
+    op, shape = usable
+    exact = _exact(op, shape)
+    value = S.semi_circular_norm(op.weight, shape[2:], op.stride, op.pads, op.dilation,
+                                 op.groups, 10**6)
+    circular = G.conv_circular_bound(op.weight, shape[2:], op.stride, op.pads, op.dilation,
+                                     op.groups)
+    assert value is not None
+    assert exact * (1 - 1e-12) <= value <= circular * (1 + 1e-6) + 1e-300
+
+
+@pytest.mark.parametrize("n,k,c", [(4, 3, 6), (6, 5, 3), (5, 3, 4)])
+def test_semi_circular_candidate_is_tight_to_its_dense_value(n, k, c):
+    rng = np.random.default_rng(n * k)
+    w = rng.standard_normal((c + 1, c, k, k))
+    pad = (k - 1) // 2
+    value = S.semi_circular_norm(w, (n, n), (1, 1), (pad,) * 4, (1, 1), 1, 10**6)
+    dense = _semi_dense(w, n, G.circular_size(n, pad, pad, k, 1, 1))
+    exact = _exact(O.Conv(w, None, (1, 1), (pad,) * 4, (1, 1), 1), (1, c, n, n))
+    assert dense <= value <= dense * (1 + 1e-6)
+    assert exact < dense  # exact along h: below the circular bound, above the exact norm
+
+
+def test_banded_certificate_refuses_a_shift_below_the_largest_eigenvalue():
+    rng = np.random.default_rng(11)
+    sizes = [5, 5, 3]
+    a = rng.standard_normal((2, 13, 13)) + 1j * rng.standard_normal((2, 13, 13))
+    for lo, hi in [(0, 5), (5, 10)]:
+        a[:, lo:hi, hi + 5:] = 0.0  # band: only neighbouring blocks couple
+    h = a.conj().transpose(0, 2, 1) @ a
+    h[:, :5, 10:] = h[:, 10:, :5] = 0.0
+    h = torch.as_tensor(h)
+    offsets = np.cumsum([0, *sizes])
+    diag = [h[:, offsets[i]:offsets[i + 1], offsets[i]:offsets[i + 1]].clone()
+            for i in range(3)]
+    sub = [h[:, offsets[i + 1]:offsets[i + 2], offsets[i]:offsets[i + 1]].clone()
+           for i in range(2)]
+    top = torch.linalg.eigvalsh(h)[:, -1]
+    zero = torch.zeros(2, dtype=torch.float64)
+    for factor, expected in [(0.999, False), (1.001, True)]:
+        s = float(top.max()) * factor
+        ok = S.banded_cholesky_certifies([d.clone() for d in diag], [b.clone() for b in sub],
+                                         s, zero)
+        assert bool(ok[int(top.argmax())]) is expected
+    # the formation error must widen the shift: 1% of error does not fit in 0.5% of room
+    s = float(top.max()) * 1.005
+    ok = S.banded_cholesky_certifies(diag, sub, s, torch.full((2,), 0.01 * float(top.max()),
+                                                             dtype=torch.float64))
+    assert not bool(ok[int(top.argmax())])
+
+
+def test_semi_circular_lanczos_survives_breakdown_and_edge_cases():
+    """A conv whose Gram blocks are multiples of the identity (one tap per axis): Lanczos
+    breaks down at once, and must still give the exact value."""
+    w = np.zeros((2, 2, 1, 1))
+    w[0, 0] = w[1, 1] = 3.0
+    assert 3.0 <= S.semi_circular_norm(w, (7, 5), (1, 1), (0,) * 4, (1, 1), 1, 100) <= 3.0001
+    assert S.semi_circular_norm(np.zeros((2, 2, 3, 3)), (4, 4), (1, 1), (1,) * 4, (1, 1), 1,
+                                100) == 0.0
+    bad = np.ones((2, 2, 3, 3))
+    bad[0, 0, 1, 1] = np.nan
+    assert S.semi_circular_norm(bad, (4, 4), (1, 1), (1,) * 4, (1, 1), 1, 100) is None
+    # a side above the limit: no candidate
+    assert S.semi_circular_norm(np.ones((8, 8, 3, 3)), (8, 8), (1, 1), (1,) * 4, (1, 1), 1,
+                                32) is None
+
+
+def test_semi_candidate_wins_where_the_exact_one_does_not_fit():
+    rng = np.random.default_rng(12)
+    op = O.Conv(rng.standard_normal((24, 24, 3, 3)), None, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    shape = (1, 24, 5, 5)
+    exact = _exact(op, shape)
+    value, best, cands = _bound(op, shape, exact_max_side=0)
+    assert best == "semi" and exact <= value < cands["circular"] / 1.01, cands
+    # with the exact candidate allowed it wins (and the semi one is not computed)
+    value, best, cands = _bound(op, shape)
+    assert best == "exact" and "semi" not in cands

@@ -221,6 +221,20 @@ def _rayleigh_estimates(h: torch.Tensor, steps: int = 12, width: int = 3) -> tor
     return quotients.max(dim=-1).values.to(torch.float64)
 
 
+def rump_certificate_shift(diag: torch.Tensor, n: int, s: float,
+                           error: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shift c_b of :func:`_cholesky_certifies` for each matrix of a batch, from the
+    real parts of its computed diagonal ``diag`` (batch, n), and whether c_b < s."""
+    # trace(B) <= n s plus whatever a (rounding-)negative computed diagonal adds
+    negative = torch.clamp(-diag.min(dim=-1).values, min=0.0)
+    top = diag.max(dim=-1).values
+    trace = (n * s + n * negative) * (1 + 4 * U) + n * 2 * U * (s + top)
+    rho = rump_shift(4 * (n + 2), 1.0)  # rho * trace, for a unit trace
+    shift = rho * trace * (1 + 4 * U) + (error + 2 * U * (s + top)) * (1 + 8 * U)
+    shift = shift * (1 + 1e-9)
+    return shift, shift < s
+
+
 def _cholesky_certifies(h: torch.Tensor, s: float, error: torch.Tensor) -> torch.Tensor:
     """For each Hermitian fl(H_b) in a batch: True only if lambda_max(H) < s for every H
     within ``error[b]`` of it in spectral norm.
@@ -237,15 +251,7 @@ def _cholesky_certifies(h: torch.Tensor, s: float, error: torch.Tensor) -> torch
     c_b = rho n s + error_b + 2 u (s + max_i fl(H_b)_ii) suffices (inflated for its own
     arithmetic)."""
     n = h.shape[-1]
-    diag = torch.diagonal(h, dim1=-2, dim2=-1).real
-    # trace(B) <= n s plus whatever a (rounding-)negative computed diagonal adds
-    negative = torch.clamp(-diag.min(dim=-1).values, min=0.0)
-    trace = (n * s + n * negative) * (1 + 4 * U) + n * 2 * U * (s + diag.max(dim=-1).values)
-    rho = rump_shift(4 * (n + 2), 1.0)  # rho * trace, for a unit trace
-    shift = rho * trace * (1 + 4 * U) + \
-        (error + 2 * U * (s + diag.max(dim=-1).values)) * (1 + 8 * U)
-    shift = shift * (1 + 1e-9)
-    ok = shift < s
+    shift, ok = rump_certificate_shift(torch.diagonal(h, dim1=-2, dim2=-1).real, n, s, error)
     b = -h
     b.diagonal(dim1=-2, dim2=-1).add_((s - shift).to(h.dtype)[:, None])
     _, info = torch.linalg.cholesky_ex(b)

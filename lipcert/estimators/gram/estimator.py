@@ -9,7 +9,10 @@ Per layer it returns the minimum of the sound candidates and says which won:
 - ``exact``: for a conv whose smaller side is at most ``exact_max_side`` (where the circular
   embedding is loosest: few positions), the operator's own norm, certified by Cholesky of
   the shifted Gram matrix (:mod:`.exact_conv`), when its estimate shows the circular
-  candidate more than 0.5% above it;
+  candidate more than ``tighten_above`` (1%) above it;
+- ``semi``: where the exact one does not fit, the embedding that is circular along one
+  spatial axis and exact along the other (:mod:`.semi_circular`): frequency blocks of side
+  C n, banded, certified by a Cholesky factorisation by blocks;
 - ``unrolled``: the exact SVD of a small unrolled ConvTranspose or AvgPool;
 - ``reshaped`` / ``taps``: the size-independent bounds of the naive estimator (for a
   ConvTranspose; for a conv the circular candidate is never above them);
@@ -38,13 +41,21 @@ from ..naive import MULTI, UNARY, propagate
 from ..settings import setting
 from .core import SPECTRAL, conv_circular_bound, dense_gram_bound
 from .exact_conv import estimated_norm, exact_conv_norm, fits
+from .semi_circular import plan, semi_circular_norm
 
 UNROLL_MIN_SIDE = 1024
 UNROLL_MAX_ENTRIES = 4_000_000
 #: a Cholesky factorisation of this side costs ~1 s on a 2-core CPU (8192: ~5 s)
 EXACT_MAX_SIDE = 4096
-#: the exact candidate is certified only when the circular one is above it by this much
-EXACT_GAIN = 5e-3
+#: a semi-circular candidate (exact along one axis) when its smaller side is at most this
+SEMI_MAX_SIDE = 4096
+#: the tighter candidates are tried only when the circular one is above the operator's
+#: estimated norm by this much (relative): each costs seconds on a 256-channel layer
+TIGHTEN_ABOVE = 1e-2
+#: once its own estimate is in hand, the semi candidate is certified when it gains this much
+SEMI_GAIN = 1e-3
+#: tolerance of the Lanczos estimate that gates them (ARPACK's; measured within 0.1%)
+GATE_TOL = 1e-2
 
 
 def _circular(weight, in_hw, stride, pads, dilation, groups, options) -> tuple[str, float]:
@@ -71,7 +82,8 @@ def _unrolled_norm(op: O.Op, in_shape: tuple[int, ...], out_shape: tuple[int, ..
 
 
 def _conv_candidates(op: O.Conv, in_shape, out_shape, options) -> dict[str, float]:
-    """The circular candidate, and the exact one where it tightens by more than EXACT_GAIN.
+    """The circular candidate; where the operator's estimated norm is more than
+    ``tighten_above`` below it, the exact candidate if it fits, else the semi-circular one.
     The size-independent bounds of naive (reshaped kernel, sum of taps) are never below the
     circular one (each DFT block is a phase-weighted sum of the taps), so they are not
     computed. A 1x1 conv gets its channel matrix's norm."""
@@ -83,19 +95,34 @@ def _conv_candidates(op: O.Conv, in_shape, out_shape, options) -> dict[str, floa
                                op.groups, options)
     cands = {name: circular}
     max_side = int(options.get("exact_max_side", EXACT_MAX_SIDE))
-    if not fits(op.weight.shape, in_shape[2:], out_shape[2:], op.groups, max_side):
+    semi_side = int(options.get("semi_max_side", SEMI_MAX_SIDE))
+    exact_fits = fits(op.weight.shape, in_shape[2:], out_shape[2:], op.groups, max_side)
+    semi_plan = plan(op.weight.shape, in_shape[2:], op.stride, op.pads, op.dilation, op.groups)
+    semi_fits = semi_plan is not None and semi_plan["side"] <= semi_side
+    if not (exact_fits or semi_fits):
         return cands
-    # a matrix-free Lanczos estimate (cheap) shows whether the circular bound has room to
-    # tighten; the exact candidate's own estimate checks again before its factorisation
+    # a matrix-free Lanczos estimate of the operator's norm (cheap) shows whether the
+    # circular bound has room to tighten; each tighter candidate's own estimate checks again
+    # before its factorisations
+    gain = float(options.get("tighten_above", TIGHTEN_ABOVE))
     estimate = estimated_norm(op.weight, in_shape[2:], op.stride, op.pads, op.dilation,
-                              op.groups)
-    if not circular > estimate * (1.0 + EXACT_GAIN):
+                              op.groups, tol=GATE_TOL)
+    if not circular > estimate * (1.0 + gain):
         return cands
-    exact = exact_conv_norm(op.weight, in_shape[2:], out_shape[2:], op.stride, op.pads,
-                            op.dilation, op.groups, max_side,
-                            unless_within=circular / (1.0 + EXACT_GAIN))
-    if exact is not None:
-        cands["exact"] = exact
+    if exact_fits:
+        exact = exact_conv_norm(op.weight, in_shape[2:], out_shape[2:], op.stride, op.pads,
+                                op.dilation, op.groups, max_side,
+                                unless_within=circular / (1.0 + gain))
+        if exact is not None:
+            cands["exact"] = exact
+            return cands
+    if semi_fits:
+        semi = semi_circular_norm(op.weight, in_shape[2:], op.stride, op.pads, op.dilation,
+                                  op.groups, semi_side,
+                                  unless_within=circular / (1.0 + SEMI_GAIN),
+                                  device=options.get("device", "cpu"))
+        if semi is not None:
+            cands["semi"] = semi
     return cands
 
 
@@ -239,6 +266,14 @@ class GramSettings:
     exact_max_side: int = setting(EXACT_MAX_SIDE, "certified norm of the conv operator itself "
                                                   "(Cholesky of its Gram matrix) when its "
                                                   "smaller side is at most this", minimum=0)
+    semi_max_side: int = setting(SEMI_MAX_SIDE, "where the exact candidate does not fit: "
+                                                "the circular embedding of one axis only "
+                                                "(exact along the other), when its smaller "
+                                                "side is at most this", minimum=0)
+    tighten_above: float = setting(TIGHTEN_ABOVE, "try the exact and semi candidates only "
+                                                  "when the circular bound is above the "
+                                                  "operator's estimated norm by this "
+                                                  "fraction", minimum=0.0)
     unroll_min_side: int = setting(UNROLL_MIN_SIDE, "exact SVD of an unrolled ConvTranspose "
                                                     "or AvgPool when its smaller side is at "
                                                     "most this", minimum=0)
