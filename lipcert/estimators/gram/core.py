@@ -173,10 +173,16 @@ def _direct_frequency_blocks(kernel: np.ndarray, size: tuple[int, int],
     blocks = torch.complex(torch.cos(theta) @ w, -(torch.sin(theta) @ w))
     blocks = blocks.reshape(-1, c_out, c_in)
     fro = float(np.linalg.norm(kernel.reshape(-1)))
-    factor = 64 * U + math.sqrt(2) * _gamma(taps) * (1 + 64 * U)
+    factor = direct_dft_error_factor(taps)
     # products that underflow (subnormal taps) err by at most 2^-1074 each, absolutely
     underflow = taps * math.sqrt(c_out * c_in) * 2.0**-1074
     return blocks, (factor * math.sqrt(taps) * fro + underflow) * (1 + 1e-6)
+
+
+def direct_dft_error_factor(taps: int) -> float:
+    """Each entry of a direct DFT over ``taps`` taps (exact integer phases, cos and sin of
+    the reduced angle) errs by at most this times the sum of the taps' absolute values."""
+    return 64 * U + math.sqrt(2) * _gamma(taps) * (1 + 64 * U)
 
 
 def circular_size(n: int, pad_begin: int, pad_end: int, kernel: int, stride: int,

@@ -33,7 +33,14 @@ import torch
 
 from ..common.rounding import UNIT_ROUNDOFF as U
 from ..common.rounding import up
-from .core import _fro_upper, _gamma, circular_size, polyphase_kernel, rump_certificate_shift
+from .core import (
+    _fro_upper,
+    _gamma,
+    circular_size,
+    direct_dft_error_factor,
+    polyphase_kernel,
+    rump_certificate_shift,
+)
 
 #: margins tried above the Lanczos estimate, relative; a block that fails at one is tried at
 #: the next (Lanczos can stop below the largest eigenvalue of a flat spectrum)
@@ -76,11 +83,12 @@ def plan(weight_shape, in_hw, stride, pads, dilation, groups) -> dict | None:
 
 
 def _tap_blocks(weight: np.ndarray, m: int, stride_c: int, dilation_c: int,
-                device: str) -> tuple[torch.Tensor, float]:
+                device: str) -> tuple[torch.Tensor, int]:
     """K_a(v) for v = 0 .. m // 2 (a real kernel's other blocks are conjugates: same norms),
-    shape (blocks, k_e, C_out, C_in s_c), with the circular axis last in ``weight``; and a
-    bound on each entry's error relative to sum_b |K'_ab| (the direct DFT of
-    :func:`.core._direct_frequency_blocks`: exact integer phases, a few roundings each)."""
+    shape (blocks, k_e, C_out, C_in s_c), with the circular axis last in ``weight``; and q,
+    the number of polyphase taps along that axis (each entry errs by at most
+    :func:`.core.direct_dft_error_factor` (q) times sum_b |K'_ab|: the direct DFT of
+    :func:`.core._direct_frequency_blocks`, exact integer phases)."""
     poly = polyphase_kernel(weight, (1, stride_c), (1, dilation_c))  # (C_out, C_in s, k_e, q)
     q = poly.shape[3]
     v = np.arange(m // 2 + 1)
@@ -89,8 +97,7 @@ def _tap_blocks(weight: np.ndarray, m: int, stride_c: int, dilation_c: int,
     w = torch.as_tensor(poly, dtype=torch.float64, device=device)
     re = torch.einsum("vb,oiab->vaoi", torch.cos(theta), w)
     im = torch.einsum("vb,oiab->vaoi", torch.sin(theta), w)
-    factor = 64 * U + math.sqrt(2) * _gamma(q) * (1 + 64 * U)
-    return torch.complex(re, -im), factor
+    return torch.complex(re, -im), q
 
 
 def _pairs(reads, side: str) -> list[tuple[int, int, int, int]]:
@@ -260,9 +267,9 @@ def semi_circular_norm(weight: np.ndarray, in_hw: tuple[int, int], stride: tuple
     c = 1 - e
     pad_e = pads[e]
     per_group = w.shape[0] // groups
-    tap_list, factor = [], 0.0
+    tap_list, q = [], 1
     for g in range(groups):
-        taps, factor = _tap_blocks(w[g * per_group:(g + 1) * per_group], p["m"], stride[c],
+        taps, q = _tap_blocks(w[g * per_group:(g + 1) * per_group], p["m"], stride[c],
                                    dilation[c], device)
         tap_list.append(taps)
     taps = torch.cat(tap_list) if groups > 1 else tap_list[0]  # (groups * blocks, k_e, ..)
@@ -293,7 +300,7 @@ def semi_circular_norm(weight: np.ndarray, in_hw: tuple[int, int], stride: tuple
     error = (_gamma(length) * fro2 * (1 + 4 * U) + underflow) * (1 + 4 * U)
     # the DFT's error in T(v): ||E||_2 <= ||E||_F <= factor sqrt(q) sqrt(out_e) ||w_g||_F
     # (each of the out_e rows uses each tap at most once), plus underflowed products
-    q = polyphase_kernel(w[:1], (1, stride[c]), (1, dilation[c])).shape[3]
+    factor = direct_dft_error_factor(q)
     fro_w = max(float(np.linalg.norm(w[g * per_group:(g + 1) * per_group].reshape(-1)))
                 for g in range(groups))
     entries = p["out_e"] * k_e * taps.shape[2] * taps.shape[3]
