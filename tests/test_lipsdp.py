@@ -484,3 +484,72 @@ def test_non_finite_multipliers_or_weights_give_no_certificate(bad):
     poisoned[1][2, 3] = bad
     assert certify_multipliers(poisoned, slopes, lam)[0] is None
     assert bound_subchain(poisoned, slopes, "neuron", "barrier", 10)[0] is None
+
+
+def test_first_order_gradient_by_the_envelope_theorem_equals_autograd():
+    """The first-order proposer differentiates z^T M(T) z at the eigenvectors' block
+    maximisers z (Danskin) instead of the Schur complement sweep: the gradient of the
+    smoothed lambda_max must equal autograd through the sweep (slope-restricted layers with
+    and without the a b W^T T W term)."""
+    import torch
+
+    from lipcert.estimators.lipsdp.banded import hidden_maximisers, input_schur, schur_factors
+    from lipcert.estimators.lipsdp.lmi import feasible_start, lmi_blocks
+    from lipcert.estimators.lipsdp.proposers import _quadratic_form
+
+    rng = np.random.default_rng(1)
+    for sizes, slopes in [([5, 8, 7, 6, 3], [(0.0, 1.0), (-1.0, 1.0), (0.1, 1.0)]),
+                          ([6, 10, 4], [(0.0, 1.0)])]:
+        ws = [rng.standard_normal((b, a)) for a, b in zip(sizes, sizes[1:], strict=False)]
+        lam = feasible_start(ws, slopes) * (1 + rng.random(sum(sizes[1:-1])))
+        wt = [torch.as_tensor(w) for w in ws]
+        auto = torch.tensor(lam, requires_grad=True)
+        eig = torch.linalg.eigvalsh(input_schur(lmi_blocks(wt, slopes, auto, xp=torch),
+                                                xp=torch))
+        sharp = 5.0 / abs(float(eig[-1].detach()))
+        (torch.logsumexp(sharp * eig, 0) / sharp).backward()
+        schur, factors = schur_factors(lmi_blocks(wt, slopes, torch.as_tensor(lam), xp=torch),
+                                       xp=torch)
+        vals, vecs = torch.linalg.eigh(schur)
+        zs = hidden_maximisers(factors, vecs * torch.sqrt(torch.softmax(sharp * vals, 0)),
+                               xp=torch)
+        ours = torch.tensor(lam, requires_grad=True)
+        _quadratic_form(lmi_blocks(wt, slopes, ours, xp=torch), zs).backward()
+        assert torch.allclose(ours.grad, auto.grad, rtol=1e-9, atol=1e-9 * float(
+            auto.grad.abs().max()))
+        # and the numpy factors give the same maximisers
+        np_schur, np_factors = schur_factors(lmi_blocks(ws, slopes, lam))
+        assert np.allclose(np_schur, schur.numpy())
+        z_np = hidden_maximisers(np_factors, vecs.numpy())
+        z_t = hidden_maximisers(factors, vecs, xp=torch)
+        assert all(np.allclose(a, b.numpy()) for a, b in zip(z_np, z_t, strict=True))
+
+
+@pytest.mark.parametrize("centre,wall", [(1.7, -3.0), (-12.5, -40.0), (9.0, 8.5), (0.0, -1.0),
+                                          (25.0, -30.0)])
+def test_scale_search_brackets_and_finds_the_minimum_of_a_unimodal_function(centre, wall):
+    """The ECLipsE-Fast scale search (bracket from 0 by doubling, then golden sections) on
+    a convex function that is +inf left of a wall (an infeasible scale): the best point it
+    evaluates is within the search width of the true minimiser, however far it lies."""
+    from lipcert.estimators.lipsdp.proposers import (
+        SCALE_WIDTH,
+        bracket_minimum,
+        golden_evaluations,
+        golden_minimum,
+    )
+
+    seen = []
+
+    def f(x):
+        value = math.inf if x < wall else (x - max(centre, wall)) ** 2 + 1.0
+        seen.append((value, x))
+        return value
+
+    a, b, c, fa, fb, fc = bracket_minimum(f)
+    assert a <= b <= c and fb <= fa and fb <= fc
+    before = len(seen)
+    golden_minimum(f, a, c, SCALE_WIDTH)
+    assert len(seen) - before == golden_evaluations(a, c, SCALE_WIDTH)
+    best = min(seen)[1]
+    assert abs(best - max(centre, wall)) <= SCALE_WIDTH
+    assert len(seen) < 60

@@ -120,7 +120,9 @@ def test_long_lipsdp_runs_report_their_stages(wide_relu):
     res = lipcert.bound(graph, "lipsdp", "2", form="eclipse-fast", progress=seen.append)
     assert res.upper is not None
     steps = [t for t in seen if t.startswith("ECLipsE-Fast scale search")]
-    assert len(steps) == 50 and " 1/50" in steps[0] and " 50/50" in steps[-1]
+    n = len(steps)  # the bracketing's count is known once the bracket is
+    assert n > 10 and " 1/" in steps[0] and f" {n}/{n}" in steps[-1]
+    assert all(f" {k + 1}/" in t for k, t in enumerate(steps))
     assert any(t.startswith("checking the certificate") for t in seen)
     assert "soundness self-check" in seen
     seen.clear()

@@ -47,6 +47,7 @@ class Countdown:
 
     def step(self, extra: str = "") -> None:
         self.done += 1
+        self.total = max(self.total, self.done)  # an estimate that ran short
         if not active():
             return
         elapsed = time.perf_counter() - self.start

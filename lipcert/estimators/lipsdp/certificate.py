@@ -38,7 +38,7 @@ def estimate_rho(weights, slopes, lam) -> float | None:
     and unchecked (None when the hidden block is not negative definite): what the searches
     over multipliers compare; only :func:`_certify_fixed` proves a value."""
     schur = input_schur(lmi_blocks(weights, slopes, lam))
-    return None if schur is None else largest_eigenvalue(schur)
+    return None if schur is None else largest_eigenvalue(schur, lanczos=True)
 
 
 def _certify_fixed(weights, slopes, lam, tau=None) -> tuple[float | None, str]:

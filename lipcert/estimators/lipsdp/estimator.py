@@ -39,6 +39,9 @@ from .subchains import affine_norm, bound_subchain, split_chain
 
 SLOPE_RESTRICTED = (O.Relu, O.LeakyRelu, O.Sigmoid, O.Tanh, O.Clip)
 MAX_NEURONS = 1024
+#: unrolled matrix entries (8 bytes each; input identity included): the OVAL21 cifar_wide_kw
+#: takes 30.4 million, 2.5 GB peak in all (bench/results/lipsdp.txt)
+MAX_ENTRIES = 50_000_000
 SOLVERS = ("auto", "barrier", "clarabel", "scs", "firstorder")
 
 
@@ -73,8 +76,8 @@ class LipSDPSettings:
     max_neurons: int | None = setting(None, f"refuse larger (sub-)chains (default "
                                             f"{MAX_NEURONS}; {8 * MAX_NEURONS} for "
                                             "eclipse-fast)", minimum=1)
-    max_entries: int = setting(30_000_000, "conv layers are unrolled into matrices up to this "
-                                           "many entries", minimum=1)
+    max_entries: int = setting(MAX_ENTRIES, "conv layers are unrolled into matrices up to this "
+                                            "many entries (8 bytes each)", minimum=1)
 
 
 @register
@@ -98,7 +101,7 @@ class LipSDPEstimator(Estimator):
         if not graph.is_chain():
             return self._residual(graph, norm, form, options)
         chain = dense_chain(graph, self.name, (*SLOPE_RESTRICTED, O.GroupSort),
-                            options.get("max_entries"))
+                            options.get("max_entries", MAX_ENTRIES))
         slopes = slopes_of(chain)
         if not chain.activations:  # affine: exact
             return Bound(method=self.name, norm=norm, upper=affine_norm(chain.weights[0], norm),
@@ -149,7 +152,7 @@ class LipSDPEstimator(Estimator):
         """A residual graph: one LMI per part (a residual block y = S x + A sigma(B x + b)
         with the skip in its output map, or a chain between blocks), the bounds
         multiplied (lipcert.ir.residual)."""
-        parts = residual_parts(graph, self.name, int(options.get("max_entries", 30_000_000)))
+        parts = residual_parts(graph, self.name, int(options.get("max_entries", MAX_ENTRIES)))
         items = []
         for part in parts:
             chain = DenseChain(part.weights(), [], part.activations)

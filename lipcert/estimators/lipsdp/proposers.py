@@ -15,7 +15,7 @@ import numpy as np
 from ...errors import MethodNotApplicable
 from ..common.interrupts import interruptible_scs
 from ..common.progress import Countdown, report
-from .banded import input_schur
+from .banded import LANCZOS_FROM, hidden_maximisers, largest_eigenvalue, schur_factors
 from .certificate import certify_and_repair, estimate_rho
 from .lmi import (
     GroupQC,
@@ -30,16 +30,57 @@ from .lmi import (
 
 BARRIER_NEURONS = 600  # the barrier method in "auto" up to this many, first-order beyond
 SCS_AUTO_SECONDS = 15.0
-GOLDEN_STEPS = 48  # log-scale bracket 60 / 1.618^48: 1e-8
+#: the ECLipsE-Fast scale search stops when its bracket on log c is this narrow (c known to
+#: 0.01%; rho moves by at most about as much); about 25 evaluations from a bracket of 2
+SCALE_WIDTH = 1e-4
+SCALE_STEPS = 26  # for the progress line's estimate of the time left
+#: eigenpairs the first-order proposer smooths over beyond LANCZOS_FROM input dimensions
+TOP_PAIRS = 8
+
+
+def _top_eigenpairs(a):
+    """Eigenvalues (ascending) and eigenvectors of a symmetric torch matrix: all of them
+    below :data:`LANCZOS_FROM`, the :data:`TOP_PAIRS` largest beyond (ARPACK's Lanczos;
+    LAPACK's subset when it does not converge)."""
+    import scipy.linalg as sla
+    import torch
+
+    n = a.shape[0]
+    if n < LANCZOS_FROM:
+        return torch.linalg.eigh(a)
+    from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, eigsh
+
+    dense = a.numpy()
+    try:
+        vals, vecs = eigsh(dense, k=TOP_PAIRS, which="LA", tol=1e-10)
+        if not np.all(np.isfinite(vals)):
+            raise ArpackError(-9999)
+        order = np.argsort(vals)
+        vals, vecs = vals[order], vecs[:, order]
+    except (ArpackError, ArpackNoConvergence):
+        vals, vecs = sla.eigh(dense, subset_by_index=[n - TOP_PAIRS, n - 1], check_finite=False)
+    return torch.as_tensor(vals), torch.as_tensor(vecs)
+
+
+def _quadratic_form(m, zs):
+    """sum over columns of z^T M z for block-tridiagonal M (torch) and z by blocks."""
+    import torch
+
+    total = sum(torch.sum(z * (d @ z)) for d, z in zip(m.diag, zs, strict=True))
+    return total + 2.0 * sum(torch.sum(zs[k + 1] * (b @ zs[k])) for k, b in enumerate(m.sub))
 
 
 def propose_first_order(weights, slopes, form: str, iterations: int = 1000,
                         time_limit: float = 60.0, start: np.ndarray | None = None):
     """Minimise rho*(T) = lambda_max(P11 - P12 P22^{-1} P21) over T >= 0 (convex on its
     domain, since it is the optimal rho of the LMI for fixed T) by Adam on log T, with a
-    smoothed max eigenvalue. The Schur complement is computed by blocks
-    (:func:`input_schur`), so a step costs sum_k n_k^3, not (sum_k n_k)^3. Any T it
-    returns is only a proposal: the certificate decides."""
+    smoothed max eigenvalue (log-sum-exp of the eigenvalues; beyond :data:`LANCZOS_FROM`
+    input dimensions, of the :data:`TOP_PAIRS` largest). The Schur complement is computed
+    by blocks (:func:`schur_factors`), so a step costs sum_k n_k^3, not (sum_k n_k)^3, and
+    the gradient comes from the eigenvectors by the envelope theorem
+    (:func:`hidden_maximisers`: d lambda_i = z_i^T dM z_i, with no derivative of a
+    factorisation; cifar_wide_kw: 7 s a step where autograd through the sweep took 20 s).
+    Any T it returns is only a proposal: the certificate decides."""
     import torch
 
     ws = [torch.as_tensor(w, dtype=torch.float64) for w in weights]
@@ -67,17 +108,20 @@ def propose_first_order(weights, slopes, form: str, iterations: int = 1000,
     best, best_u = np.inf, u.detach().clone()
     t0 = time.perf_counter()
     for it in range(iterations):
-        schur = input_schur(lmi_blocks(ws, slopes, multipliers(u), xp=torch), xp=torch)
-        if schur is None:  # left the domain: step back towards the last good point
-            with torch.no_grad():
+        with torch.no_grad():
+            got = schur_factors(lmi_blocks(ws, slopes, multipliers(u), xp=torch), xp=torch)
+            if got is None:  # left the domain: step back towards the last good point
                 u.copy_((u + best_u) / 2)
-            continue
-        eig = torch.linalg.eigvalsh(schur)
-        value = float(eig[-1].detach())
-        if value < best:
-            best, best_u = value, u.detach().clone()
-        sharp = 50.0 * (1 + it / 50) / max(abs(value), 1e-300)
-        loss = torch.logsumexp(sharp * eig, 0) / sharp
+                continue
+            schur, factors = got
+            eig, vecs = _top_eigenpairs(schur)
+            value = float(eig[-1])
+            if value < best:
+                best, best_u = value, u.detach().clone()
+            sharp = 50.0 * (1 + it / 50) / max(abs(value), 1e-300)
+            weight = torch.softmax(sharp * eig, 0)  # the gradient of log-sum-exp
+            zs = hidden_maximisers(factors, vecs * torch.sqrt(weight), xp=torch)
+        loss = _quadratic_form(lmi_blocks(ws, slopes, multipliers(u), xp=torch), zs)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -189,27 +233,100 @@ def eclipse_fast_multipliers(weights, slopes) -> np.ndarray:
             raise MethodNotApplicable("lipsdp form eclipse-fast needs slope ranges [0, beta] "
                                       "(ReLU, Sigmoid, Tanh, Clip)")
         m = qc[1] / 2.0
-        k = w @ np.linalg.solve(x_prev, w.T)
+        k = w @ _solve_positive(x_prev, w.T)
         k = (k + k.T) / 2
-        li = 1.0 / (2.0 * m * m * float(np.linalg.eigvalsh(k)[-1]))
+        li = 1.0 / (2.0 * m * m * largest_eigenvalue(k, lanczos=True))
         x_prev = li * np.eye(w.shape[0]) - li * li * m * m * k
         lam.append(np.full(w.shape[0], li))
     return np.concatenate(lam)
 
 
+def _solve_positive(x: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """X^-1 B for X symmetric positive definite (Cholesky; LU when that fails)."""
+    import scipy.linalg as sla
+
+    try:
+        return sla.cho_solve(sla.cho_factor(x, lower=True), b)
+    except (np.linalg.LinAlgError, sla.LinAlgError, ValueError):
+        return np.linalg.solve(x, b)
+
+
+def bracket_minimum(f, start: float = 0.0, step: float = 1.0,
+                    limits: tuple[float, float] = (-30.0, 30.0)):
+    """(a, b, c, f(a), f(b), f(c)) with a < b < c and f(b) <= min(f(a), f(c)) for a unimodal
+    f that may be +inf on one side: steps out from ``start`` by doubling (Press et al.,
+    Numerical Recipes, 3rd ed., Sec. 10.1, without the parabolic step, which inf values
+    break). Stops at ``limits``, the bracket then holding the best point seen."""
+    lo, hi = limits
+    b, fb = start, f(start)
+    a, fa = max(lo, start - step), f(max(lo, start - step))
+    c, fc = min(hi, start + step), f(min(hi, start + step))
+    while not (fb < math.inf and fb <= fa and fb <= fc):  # f maps NaN to inf
+        if fb == math.inf and fa == math.inf and fc == math.inf:
+            if c >= hi:  # infeasible everywhere it looked
+                return a, b, c, fa, fb, fc
+            step *= 2.0  # small scales are the infeasible ones: look above
+            a, fa, b, fb = b, fb, c, fc
+            c = min(hi, b + step)
+            fc = f(c)
+        elif fa < fb or (fa == fb and fa < fc):  # downhill to the left
+            if a <= lo:
+                return a, a, b, fa, fa, fb
+            step *= 2.0
+            c, fc, b, fb = b, fb, a, fa
+            a = max(lo, b - step)
+            fa = f(a)
+        else:  # downhill to the right
+            if c >= hi:
+                return b, c, c, fb, fc, fc
+            step *= 2.0
+            a, fa, b, fb = b, fb, c, fc
+            c = min(hi, b + step)
+            fc = f(c)
+    return a, b, c, fa, fb, fc
+
+
+def golden_evaluations(a: float, c: float, width: float) -> int:
+    """How many calls :func:`golden_minimum` makes on [a, c] (2, then one per shrink)."""
+    shrinks = 0 if not c - a > width else math.ceil(math.log((c - a) / width) /
+                                                    -math.log((math.sqrt(5) - 1) / 2))
+    return 2 + shrinks
+
+
+def golden_minimum(f, a: float, c: float, width: float, stop=lambda: False) -> None:
+    """Golden-section search of a unimodal f on [a, c] down to a bracket of ``width``
+    (f is called for its side effect of recording the best point; ``stop()`` ends early)."""
+    golden = (math.sqrt(5) - 1) / 2
+    x1, x2 = c - golden * (c - a), a + golden * (c - a)
+    f1, f2 = f(x1), f(x2)
+    while c - a > width and not stop():
+        if f1 <= f2 and f1 < math.inf:
+            c, x2, f2 = x2, x1, f1
+            x1 = c - golden * (c - a)
+            f1 = f(x1)
+        else:
+            a, x1, f1 = x1, x2, f2
+            x2 = a + golden * (c - a)
+            f2 = f(x2)
+
+
 def _eclipse_certificate(weights, slopes, deadline: float = math.inf):
-    """Certify the ECLipsE-Fast direction T at its best scale: rho*(c T) is convex in c, so
-    a golden-section search on log c (on the unchecked :func:`estimate_rho`; small scales
-    leave the hidden block indefinite, so a search that sees only those moves up) finds
-    it, and the multipliers there are then checked. Past ``deadline`` (perf_counter) the
-    search stops at the best scale seen once one is feasible. Returns (rho, why, multipliers) with
-    rho None when no scale was certified."""
+    """Certify the ECLipsE-Fast direction T at its best scale: rho*(c T) is convex in c
+    (the LMI is jointly convex in rho and T), hence unimodal in log c, so the minimum is
+    bracketed from c = 1 (ECLipsE-Fast's own scale) outwards and then found by golden
+    sections on log c to :data:`SCALE_WIDTH`, on the unchecked :func:`estimate_rho`
+    (small scales leave the hidden block indefinite: +inf); the multipliers there are then
+    checked. Past ``deadline`` (perf_counter) the search stops at the best scale seen once
+    one is feasible. Returns (rho, why, multipliers) with rho None when no scale was
+    certified."""
     direction = eclipse_fast_multipliers(weights, slopes)
     size = lmi_size(weights)
-    steps = Countdown(f"ECLipsE-Fast scale search (size {size})", GOLDEN_STEPS + 2)
+    steps = Countdown(f"ECLipsE-Fast scale search (size {size})", SCALE_STEPS)
     best = [math.inf, 0.0]
 
     def value(log_c: float) -> float:
+        if best[0] < math.inf and time.perf_counter() > deadline:
+            return math.inf  # out of time: the best point seen stands
         rho = estimate_rho(weights, slopes, math.exp(log_c) * direction)
         rho = math.inf if rho is None or not math.isfinite(rho) else rho
         if rho < best[0]:
@@ -217,21 +334,10 @@ def _eclipse_certificate(weights, slopes, deadline: float = math.inf):
         steps.step("" if best[0] == math.inf else f"best {math.sqrt(max(best[0], 0)):.4g}")
         return rho
 
-    lo, hi = -30.0, 30.0
-    golden = (math.sqrt(5) - 1) / 2
-    a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
-    fa, fb = value(a), value(b)
-    for _ in range(GOLDEN_STEPS):
-        if best[0] < math.inf and time.perf_counter() > deadline:
-            break
-        if fa <= fb and fa < math.inf:
-            hi, b, fb = b, a, fa
-            a = hi - golden * (hi - lo)
-            fa = value(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + golden * (hi - lo)
-            fb = value(b)
+    a, _, c, *_ = bracket_minimum(value)
+    steps.total = steps.done + golden_evaluations(a, c, SCALE_WIDTH)
+    golden_minimum(value, a, c, SCALE_WIDTH,
+                   stop=lambda: best[0] < math.inf and time.perf_counter() > deadline)
     if best[0] == math.inf:
         return None, "no scale of the ECLipsE-Fast multipliers is feasible", None
     return certify_and_repair(weights, slopes, math.exp(best[1]) * direction)
