@@ -553,3 +553,19 @@ def test_scale_search_brackets_and_finds_the_minimum_of_a_unimodal_function(cent
     best = min(seen)[1]
     assert abs(best - max(centre, wall)) <= SCALE_WIDTH
     assert len(seen) < 60
+
+
+def test_neuron_limit_is_large_only_where_every_proposer_scales_by_blocks():
+    """l2 with solver auto (ECLipsE-Fast and first-order beyond 600 neurons), first-order
+    and eclipse-fast get 8 x MAX_NEURONS; a dense SDP (cvxpy solvers, barrier, linf auto: SCS)
+    keeps MAX_NEURONS; an explicit max_neurons always wins."""
+    from lipcert.estimators.lipsdp.estimator import MAX_NEURONS, neuron_limit
+
+    assert neuron_limit("neuron", "auto", "2", {}) == 8 * MAX_NEURONS
+    assert neuron_limit("eclipse-fast", "auto", "2", {}) == 8 * MAX_NEURONS
+    assert neuron_limit("neuron", "auto", "inf", {}) == MAX_NEURONS
+    assert neuron_limit("layer", "firstorder", "2", {}) == 8 * MAX_NEURONS
+    for solver in ("barrier", "scs", "clarabel"):
+        assert neuron_limit("neuron", solver, "2", {}) == MAX_NEURONS
+    assert neuron_limit("neuron", "auto", "2", {"max_neurons": 64}) == 64
+    assert neuron_limit("neuron", "auto", "2", {"max_neurons": None}) == 8 * MAX_NEURONS

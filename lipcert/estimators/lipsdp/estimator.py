@@ -75,7 +75,8 @@ class LipSDPSettings:
                                 exclusive=True, infinite=True)
     max_neurons: int | None = setting(None, f"refuse larger (sub-)chains (default "
                                             f"{MAX_NEURONS}; {8 * MAX_NEURONS} for "
-                                            "eclipse-fast)", minimum=1)
+                                            "eclipse-fast, firstorder and l2 with solver auto)",
+                                      minimum=1)
     max_entries: int = setting(MAX_ENTRIES, "conv layers are unrolled into matrices up to this "
                                             "many entries (8 bytes each)", minimum=1)
 
@@ -108,8 +109,7 @@ class LipSDPEstimator(Estimator):
                          notes=["affine model: exact operator norm"])
         solver, split = options["solver"], int(options["split"])
         parts = split_chain(chain.weights, slopes, split)
-        _check_size(parts, int(options.get("max_neurons", MAX_NEURONS if form != "eclipse-fast"
-                                           else 8 * MAX_NEURONS)))
+        _check_size(parts, neuron_limit(form, solver, norm, options))
         time_limit = float(options.get("time_limit", 60.0))
         progress = options.get("progress")
         total = 1.0
@@ -159,8 +159,7 @@ class LipSDPEstimator(Estimator):
             items.append((chain.weights, slopes_of(chain), part))
         hidden = [sum(w.shape[0] for w in ws[:-1]) for ws, _, _ in items]
         _check_size([(ws, sl) for ws, sl, _ in items],
-                    int(options.get("max_neurons", MAX_NEURONS if form != "eclipse-fast"
-                                    else 8 * MAX_NEURONS)))
+                    neuron_limit(form, options["solver"], norm, options))
         time_limit = float(options.get("time_limit", 60.0))
         progress = options.get("progress")
         details: dict[str, Any] = {"form": form, "solver": options["solver"], "norm": norm,
@@ -238,6 +237,17 @@ def layer_norm_product(weights: list[np.ndarray], slopes: list, norm: str) -> fl
     for qc in slopes:
         total = mul_up(total, 1.0 if isinstance(qc, GroupQC) else max(abs(qc[0]), abs(qc[1])))
     return total
+
+
+def neuron_limit(form: str, solver: str, norm: str, options: dict) -> int:
+    """Hidden neurons per (sub-)chain: ``max_neurons`` if set, else 8 MAX_NEURONS where
+    every proposer scales as sum_k n_k^3 (ECLipsE-Fast; the first-order method; l2 with
+    solver auto, which beyond 600 neurons uses those two), else MAX_NEURONS (a dense SDP
+    for cvxpy's solvers or Newton steps of the barrier method)."""
+    if options.get("max_neurons") is not None:
+        return int(options["max_neurons"])
+    scalable = form == "eclipse-fast" or (solver in ("auto", "firstorder") and norm == "2")
+    return 8 * MAX_NEURONS if scalable else MAX_NEURONS
 
 
 def _check_size(parts: list, limit: int) -> None:
