@@ -569,3 +569,22 @@ def test_neuron_limit_is_large_only_where_every_proposer_scales_by_blocks():
         assert neuron_limit("neuron", solver, "2", {}) == MAX_NEURONS
     assert neuron_limit("neuron", "auto", "2", {"max_neurons": 64}) == 64
     assert neuron_limit("neuron", "auto", "2", {"max_neurons": None}) == 8 * MAX_NEURONS
+
+
+def test_top_eigenpairs_beyond_the_lanczos_size_are_the_largest():
+    """Beyond LANCZOS_FROM the first-order proposer smooths over the TOP_PAIRS largest
+    eigenpairs from Lanczos: they must be LAPACK's, ascending, with unit eigenvectors."""
+    import torch
+
+    from lipcert.estimators.lipsdp.banded import LANCZOS_FROM
+    from lipcert.estimators.lipsdp.proposers import TOP_PAIRS, _top_eigenpairs
+
+    rng = np.random.default_rng(3)
+    n = LANCZOS_FROM + 50
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    spectrum = np.concatenate([-rng.random(n - TOP_PAIRS) * 5.0, 1.0 + np.arange(TOP_PAIRS)])
+    a = (q * spectrum) @ q.T
+    vals, vecs = _top_eigenpairs(torch.as_tensor((a + a.T) / 2))
+    assert np.allclose(vals.numpy(), np.sort(spectrum)[-TOP_PAIRS:], atol=1e-8)
+    assert np.allclose(np.linalg.norm(vecs.numpy(), axis=0), 1.0)
+    assert np.allclose(a @ vecs.numpy(), vecs.numpy() * vals.numpy(), atol=1e-7)

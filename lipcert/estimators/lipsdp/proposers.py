@@ -53,13 +53,12 @@ def _top_eigenpairs(a):
     dense = a.numpy()
     try:
         vals, vecs = eigsh(dense, k=TOP_PAIRS, which="LA", tol=1e-10)
-        if not np.all(np.isfinite(vals)):
-            raise ArpackError(-9999)
-        order = np.argsort(vals)
-        vals, vecs = vals[order], vecs[:, order]
     except (ArpackError, ArpackNoConvergence):
+        vals = None
+    if vals is None or not np.all(np.isfinite(vals)):
         vals, vecs = sla.eigh(dense, subset_by_index=[n - TOP_PAIRS, n - 1], check_finite=False)
-    return torch.as_tensor(vals), torch.as_tensor(vecs)
+    order = np.argsort(vals)
+    return torch.as_tensor(vals[order]), torch.as_tensor(vecs[:, order])
 
 
 def _quadratic_form(m, zs):
