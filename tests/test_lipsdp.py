@@ -576,7 +576,7 @@ def test_top_eigenpairs_beyond_the_lanczos_size_are_the_largest():
     eigenpairs from Lanczos: they must be LAPACK's, ascending, with unit eigenvectors."""
     import torch
 
-    from lipcert.estimators.lipsdp.banded import LANCZOS_FROM
+    from lipcert.estimators.lipsdp.eigen import LANCZOS_FROM
     from lipcert.estimators.lipsdp.proposers import TOP_PAIRS, _top_eigenpairs
 
     rng = np.random.default_rng(3)

@@ -15,6 +15,7 @@ import numpy as np
 import scipy.linalg as sla
 
 from ..common.rounding import rump_shift
+from .eigen import top_eigenpairs
 from .lmi import BlockTridiagonal
 
 #: what scipy/numpy raise when a factorisation fails (ValueError: NaN or inf entries)
@@ -86,11 +87,6 @@ def input_schur(m: BlockTridiagonal, xp=np):
     return None if got is None else got[0]
 
 
-#: from this size on, :func:`largest_eigenvalue` may use Lanczos instead of a dense
-#: tridiagonalisation (3072 x 3072 Schur complement: 2.3 s dense, about 0.6 s Lanczos)
-LANCZOS_FROM = 1024
-
-
 def schur_factors(m: BlockTridiagonal, xp=np, keep: bool = True):
     """:func:`input_schur` with its factors: (S, factors) with factors[k - 1] = (C_k, Y_k),
     -S_k = C_k C_k^T and Y_k = C_k^-1 B_{k-1} (an empty list unless ``keep``), or None when
@@ -137,18 +133,10 @@ def hidden_maximisers(factors, v, xp=np) -> list:
 
 def largest_eigenvalue(a: np.ndarray, lanczos: bool = False) -> float:
     """lambda_max of a symmetric matrix: LAPACK's MRRR for the top eigenvalue only, or with
-    ``lanczos`` and n >= :data:`LANCZOS_FROM` ARPACK's implicitly restarted Lanczos to
-    machine precision (dense again when it does not converge). An estimate either way:
-    the certificate proves its own margin above it."""
+    ``lanczos`` :func:`.eigen.top_eigenpairs` (Lanczos to machine precision from
+    :data:`.eigen.LANCZOS_FROM` on). An estimate either way: the certificate proves its own
+    margin above it."""
+    if lanczos:
+        return float(top_eigenpairs(a, 1, vectors=False)[-1])
     n = a.shape[0]
-    if lanczos and n >= LANCZOS_FROM:
-        from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, eigsh
-
-        try:
-            top = eigsh(a, k=1, which="LA", tol=1e-13, return_eigenvectors=False)
-            if np.all(np.isfinite(top)):
-                return float(top[-1])
-        except (ArpackError, ArpackNoConvergence):
-            pass
     return float(sla.eigvalsh(a, subset_by_index=[n - 1, n - 1], check_finite=False)[-1])
-

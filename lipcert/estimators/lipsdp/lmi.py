@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .eigen import spectral_norm_estimate
+
 
 @dataclass(frozen=True)
 class GroupQC:
@@ -243,23 +245,6 @@ def feasible_start(weights, slopes) -> np.ndarray:
             return lam
         scale *= 2.0
     return stacked(scale)
-
-
-def spectral_norm_estimate(w: np.ndarray) -> float:
-    """||W||_2 estimated: a dense SVD below 1024 on the smaller side, Lanczos on W beyond
-    (a 4096 x 3072 unrolled convolution: 5 s dense). For choices such as
-    :func:`rescale`'s powers of two, never for a bound."""
-    if min(w.shape) < 1024:
-        return float(np.linalg.norm(w, 2))
-    from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, svds
-
-    try:
-        top = svds(w, k=1, tol=1e-6, return_singular_vectors=False)
-        if np.all(np.isfinite(top)):
-            return float(top[-1])
-    except (ArpackError, ArpackNoConvergence):
-        pass
-    return float(np.linalg.norm(w, 2))
 
 
 def rescale(weights: list[np.ndarray]) -> tuple[list[np.ndarray], float]:

@@ -15,8 +15,9 @@ import numpy as np
 from ...errors import MethodNotApplicable
 from ..common.interrupts import interruptible_scs
 from ..common.progress import Countdown, report
-from .banded import LANCZOS_FROM, hidden_maximisers, largest_eigenvalue, schur_factors
+from .banded import hidden_maximisers, largest_eigenvalue, schur_factors
 from .certificate import certify_and_repair, estimate_rho
+from .eigen import LANCZOS_FROM, top_eigenpairs
 from .lmi import (
     GroupQC,
     feasible_start,
@@ -40,25 +41,14 @@ TOP_PAIRS = 8
 
 def _top_eigenpairs(a):
     """Eigenvalues (ascending) and eigenvectors of a symmetric torch matrix: all of them
-    below :data:`LANCZOS_FROM`, the :data:`TOP_PAIRS` largest beyond (ARPACK's Lanczos;
-    LAPACK's subset when it does not converge)."""
-    import scipy.linalg as sla
+    below :data:`.eigen.LANCZOS_FROM`, the :data:`TOP_PAIRS` largest beyond
+    (:func:`.eigen.top_eigenpairs`)."""
     import torch
 
-    n = a.shape[0]
-    if n < LANCZOS_FROM:
+    if a.shape[0] < LANCZOS_FROM:
         return torch.linalg.eigh(a)
-    from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, eigsh
-
-    dense = a.numpy()
-    try:
-        vals, vecs = eigsh(dense, k=TOP_PAIRS, which="LA", tol=1e-10)
-    except (ArpackError, ArpackNoConvergence):
-        vals = None
-    if vals is None or not np.all(np.isfinite(vals)):
-        vals, vecs = sla.eigh(dense, subset_by_index=[n - TOP_PAIRS, n - 1], check_finite=False)
-    order = np.argsort(vals)
-    return torch.as_tensor(vals[order]), torch.as_tensor(vecs[:, order])
+    vals, vecs = top_eigenpairs(a.numpy(), TOP_PAIRS, tol=1e-10)
+    return torch.as_tensor(vals), torch.as_tensor(vecs)
 
 
 def _quadratic_form(m, zs):
