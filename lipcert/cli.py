@@ -388,6 +388,18 @@ def _report_eps(given: str | None, configured: list | None, eps: float) -> list[
 def compare(model, methods, norm, input_path, index, eps, domain, timeout, json_out, markdown,
             plot, config_path, no_verify, device, no_self_check) -> None:
     """Every method side by side with a lower bound, the tightness ratio and the time."""
+    from .method_worker import MethodWorker
+
+    worker = MethodWorker().launch()  # its imports overlap ours and loading the model
+    try:
+        _compare(worker, model, methods, norm, input_path, index, eps, domain, timeout,
+                 json_out, markdown, plot, config_path, no_verify, device, no_self_check)
+    finally:
+        worker.close()
+
+
+def _compare(worker, model, methods, norm, input_path, index, eps, domain, timeout, json_out,
+             markdown, plot, config_path, no_verify, device, no_self_check) -> None:
     from . import compare as CMP
     from .config import read_config
     from .errors import InputError
@@ -435,7 +447,7 @@ def compare(model, methods, norm, input_path, index, eps, domain, timeout, json_
             graph, names, norm, options=options, timeout=timeout, region=region,
             progress=lambda m: update(f"{m} ({names.index(m) + 1} of {len(names)}, at most "
                                       f"{timeout:g} s) …"),
-            self_check=not no_self_check)
+            self_check=not no_self_check, worker=worker)
     region_given = bool(region)
     rows = CMP.compare_payload_rows(results, lower, region_given)
     best = CMP.best_lower(results, lower, region_given)

@@ -1,18 +1,17 @@
-"""Run several methods on one model, each in its own process with its own time limit, and
-relate every upper bound to the empirical lower bound."""
+"""Run several methods on one model, each in a child process under its own time limit
+(method_worker.py), and relate every upper bound to the empirical lower bound."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-import multiprocessing as mp
-import queue
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .estimators import Bound, get_estimator, run_estimator
+from .estimators import Bound, get_estimator
 from .ir.graph import Graph
+from .method_worker import MethodWorker
 
 #: compare's defaults per norm. local (box-scoped) is a linf default, where it is the
 #: method that certifies; in l2 it is asked for by name (--methods ...,local): by default
@@ -28,74 +27,46 @@ def default_methods(norm: str) -> list[str]:
     return [m for m in DEFAULT_METHODS[norm] if norm in get_estimator(m).norms]
 
 
-def _child(graph: Graph, method: str, norm: str, options: dict, out: mp.Queue) -> None:
-    try:
-        out.put(("ok", run_estimator(graph, method, norm, **options)))
-    except KeyboardInterrupt:  # Ctrl-C reached the whole process group: the parent reports
-        return
-    except BaseException as exc:  # report, never hang the parent
-        out.put(("error", f"{type(exc).__name__}: {exc}"))
-
-
-def run_with_timeout(graph: Graph, method: str, norm: str, options: dict,
-                     timeout: float | None) -> Bound:
-    """Run one method in a fresh process; a method past its time limit is stopped.
-
-    ``spawn``, not ``fork``: a child forked after torch started its OpenMP pool can deadlock.
-    """
-    start = time.perf_counter()
-    ctx = mp.get_context("spawn")
-    out: mp.Queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(graph, method, norm, options, out), daemon=True)
-    proc.start()
-    try:
-        kind, payload = out.get(timeout=timeout)
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C: stop the child too, then stop
-        proc.terminate()
-        proc.join(2)
-        raise
-    except queue.Empty:
-        proc.terminate()
-        proc.join(5)
-        return Bound(method=method, norm=norm, upper=None, time_s=time.perf_counter() - start,
-                     notes=[f"timed out after {timeout:g} s (raise --timeout or the method's "
-                            "timeout in the config)"], details={"timed_out": True})
-    proc.join(5)
-    if kind == "error":
-        return Bound(method=method, norm=norm, upper=None, time_s=time.perf_counter() - start,
-                     notes=[f"failed: {payload}"], details={"error": payload})
-    return payload
-
-
 def compare(graph: Graph, methods: list[str], norm: str, *, options: dict[str, dict],
             timeout: float | None, region: dict | None = None,
             progress: Callable[[str], None] | None = None,
-            self_check: bool = True) -> tuple[list[Bound], Bound]:
-    """Bounds of every method plus the lower bound (computed first, within the region)."""
+            self_check: bool = True,
+            worker: MethodWorker | None = None) -> tuple[list[Bound], Bound]:
+    """Bounds of every method plus the lower bound (computed first, within the region).
+
+    ``worker``: a MethodWorker already launched by the caller (it stays open); by default
+    one is started here and closed at the end.
+    """
     region_opts = dict(region or {})
-    lower = run_with_timeout(graph, "lower", norm, {**options.get("lower", {}), **region_opts},
-                             timeout)
-    results = []
-    for method in methods:
-        if progress:
-            progress(method)
-        try:
-            estimator = get_estimator(method)
-        except Exception as exc:
-            results.append(Bound(method=method, norm=norm, upper=None, notes=[str(exc)],
-                                 details={"not_applicable": True}))
-            continue
-        method_opts = {**options.get(method, {})}
-        limit = method_opts.pop("timeout", timeout)
-        if estimator.accepts_region:  # box-scoped methods bound the compared region
-            method_opts.update(region_opts)
-        if estimator.deadline is not None and limit is not None:  # stop by itself in time
-            key, share = estimator.deadline
-            chosen = estimator.parse_settings(method_opts)
-            method_opts[key] = min(float(getattr(chosen, key)), share * float(limit))
-        method_opts["self_check"] = self_check
-        results.append(run_with_timeout(graph, method, norm, method_opts, limit))
+    with contextlib.nullcontext(worker) if worker is not None else MethodWorker() as worker:
+        lower = worker.run(graph, "lower", norm, {**options.get("lower", {}), **region_opts},
+                           timeout)
+        results = [_run_method(worker, graph, method, norm, options, timeout, region_opts,
+                               progress, self_check) for method in methods]
     return results, lower
+
+
+def _run_method(worker: MethodWorker, graph: Graph, method: str, norm: str,
+                options: dict[str, dict], timeout: float | None, region_opts: dict,
+                progress: Callable[[str], None] | None, self_check: bool) -> Bound:
+    """One row of compare: the method's own options, the region, a deadline inside its limit."""
+    if progress:
+        progress(method)
+    try:
+        estimator = get_estimator(method)
+    except Exception as exc:
+        return Bound(method=method, norm=norm, upper=None, notes=[str(exc)],
+                     details={"not_applicable": True})
+    method_opts = {**options.get(method, {})}
+    limit = method_opts.pop("timeout", timeout)
+    if estimator.accepts_region:  # box-scoped methods bound the compared region
+        method_opts.update(region_opts)
+    if estimator.deadline is not None and limit is not None:  # stop by itself in time
+        key, share = estimator.deadline
+        chosen = estimator.parse_settings(method_opts)
+        method_opts[key] = min(float(getattr(chosen, key)), share * float(limit))
+    method_opts["self_check"] = self_check
+    return worker.run(graph, method, norm, method_opts, limit)
 
 
 def tightness(upper: float | None, lower: float | None) -> tuple[float | None, str]:
