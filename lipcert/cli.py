@@ -445,8 +445,9 @@ def _compare(worker, model, methods, norm, input_path, index, eps, domain, timeo
     with _working("sampled lower bound …") as update:
         results, lower = CMP.compare(
             graph, names, norm, options=options, timeout=timeout, region=region,
-            progress=lambda m: update(f"{m} ({names.index(m) + 1} of {len(names)}, at most "
-                                      f"{timeout:g} s) …"),
+            progress=lambda m, line: update(
+                f"{m} ({names.index(m) + 1} of {len(names)}, at most {timeout:g} s)"
+                + (" …" if line is None else f": {line}")),
             self_check=not no_self_check, worker=worker)
     region_given = bool(region)
     rows = CMP.compare_payload_rows(results, lower, region_given)

@@ -29,10 +29,13 @@ def default_methods(norm: str) -> list[str]:
 
 def compare(graph: Graph, methods: list[str], norm: str, *, options: dict[str, dict],
             timeout: float | None, region: dict | None = None,
-            progress: Callable[[str], None] | None = None,
+            progress: Callable[[str, str | None], None] | None = None,
             self_check: bool = True,
             worker: MethodWorker | None = None) -> tuple[list[Bound], Bound]:
     """Bounds of every method plus the lower bound (computed first, within the region).
+
+    ``progress(method, line)``: called with line None when a method starts, then with the
+    method's own progress lines.
 
     ``worker``: a MethodWorker already launched by the caller (it stays open); by default
     one is started here and closed at the end.
@@ -48,10 +51,11 @@ def compare(graph: Graph, methods: list[str], norm: str, *, options: dict[str, d
 
 def _run_method(worker: MethodWorker, graph: Graph, method: str, norm: str,
                 options: dict[str, dict], timeout: float | None, region_opts: dict,
-                progress: Callable[[str], None] | None, self_check: bool) -> Bound:
+                progress: Callable[[str, str | None], None] | None,
+                self_check: bool) -> Bound:
     """One row of compare: the method's own options, the region, a deadline inside its limit."""
     if progress:
-        progress(method)
+        progress(method, None)
     try:
         estimator = get_estimator(method)
     except Exception as exc:
@@ -66,7 +70,8 @@ def _run_method(worker: MethodWorker, graph: Graph, method: str, norm: str,
         chosen = estimator.parse_settings(method_opts)
         method_opts[key] = min(float(getattr(chosen, key)), share * float(limit))
     method_opts["self_check"] = self_check
-    return worker.run(graph, method, norm, method_opts, limit)
+    return worker.run(graph, method, norm, method_opts, limit,
+                      None if progress is None else lambda line: progress(method, line))
 
 
 def tightness(upper: float | None, lower: float | None) -> tuple[float | None, str]:

@@ -12,8 +12,10 @@ waited out as a time-out.
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import time
+from collections.abc import Callable
 from multiprocessing.connection import wait
 from typing import TYPE_CHECKING, Any
 
@@ -23,17 +25,36 @@ if TYPE_CHECKING:  # the module stays light: the caller launches a worker before
 
 #: how long a fresh worker may take to import lipcert before it is reported as broken
 START_LIMIT_S = 300.0
+#: the shortest interval between two progress lines sent to the parent
+PROGRESS_EVERY_S = 0.2
+
+
+class _Forward:
+    """A method's progress callback in the worker: sends its lines to the parent, at most
+    one per PROGRESS_EVERY_S (a loop may report every step)."""
+
+    def __init__(self, conn) -> None:
+        self._conn, self._last = conn, -math.inf
+
+    def __call__(self, text: str) -> None:
+        now = time.perf_counter()
+        if now - self._last >= PROGRESS_EVERY_S:
+            self._last = now
+            self._conn.send(("progress", str(text)))
 
 
 def _serve(conn) -> None:
-    """The worker's loop: one (graph, method, norm, options) task at a time."""
+    """The worker's loop: one (graph, method, norm, options, wants_progress) task at a
+    time; progress lines, then one answer, go back."""
     try:
         from .estimators import load_all, run_estimator
 
         load_all()  # every method's imports, while the parent loads the model
         conn.send(("ready", None))
         while True:
-            graph, method, norm, options = conn.recv()
+            graph, method, norm, options, wants_progress = conn.recv()
+            if wants_progress:
+                options = {**options, "progress": _Forward(conn)}
             try:
                 answer = ("ok", run_estimator(graph, method, norm, **options))
             except KeyboardInterrupt:
@@ -120,10 +141,12 @@ class MethodWorker:
         self._stop()
 
     def run(self, graph: Graph, method: str, norm: str, options: dict,
-            timeout: float | None) -> Bound:
+            timeout: float | None,
+            progress: Callable[[str], None] | None = None) -> Bound:
         """Run one method; past ``timeout`` seconds it is stopped and reported as timed out.
 
         The limit counts from the moment the method is handed over, not the worker's start.
+        ``progress`` receives the method's own progress lines (at most a few per second).
         """
         start = time.perf_counter()
         if self._proc is not None and not self._proc.is_alive():
@@ -132,24 +155,24 @@ class MethodWorker:
         if why is not None:
             return _failed(method, norm, start, f"failed: {why}", error=why)
         start = time.perf_counter()
+        deadline = None if timeout is None else start + timeout
         try:
-            self._conn.send((graph, method, norm, options))
-            ready = wait([self._conn, self._proc.sentinel], timeout)
+            self._conn.send((graph, method, norm, options, progress is not None))
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.perf_counter())
+                if not wait([self._conn, self._proc.sentinel], left):
+                    self._stop()
+                    return _failed(method, norm, start,
+                                   f"timed out after {timeout:g} s (raise --timeout or the "
+                                   "method's timeout in the config)", timed_out=True)
+                kind, payload = self._conn.recv()
+                if kind != "progress":
+                    break
+                progress(payload)
         except (KeyboardInterrupt, SystemExit):  # Ctrl-C: stop the child too, then stop
             self._stop()
             raise
-        except (OSError, ValueError) as exc:  # the pipe broke: the process is gone
-            self._stop()
-            return _failed(method, norm, start, f"failed: the worker process ended ({exc})",
-                           error=str(exc))
-        if not ready:
-            self._stop()
-            return _failed(method, norm, start,
-                           f"timed out after {timeout:g} s (raise --timeout or the method's "
-                           "timeout in the config)", timed_out=True)
-        try:
-            kind, payload = self._conn.recv()
-        except (EOFError, OSError):  # ended without an answer: killed, or a native crash
+        except (EOFError, OSError, ValueError):  # no answer: killed, or a native crash
             self._proc.join(5)
             code = self._proc.exitcode
             self._stop()

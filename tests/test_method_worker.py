@@ -51,7 +51,7 @@ def test_worker_is_reused_replaced_after_a_timeout_and_reports_a_killed_process(
         assert last.upper == first.upper
 
 
-def test_a_method_error_is_reported_and_the_worker_keeps_serving():
+def test_a_method_error_is_reported_the_worker_keeps_serving_and_forwards_progress():
     graph = lipcert.load(MLP)
     with MethodWorker() as worker:
         bad = worker.run(graph, "naive", "2", {"no_such_setting": 1}, 60)
@@ -60,3 +60,8 @@ def test_a_method_error_is_reported_and_the_worker_keeps_serving():
         pid = worker.pid
         good = worker.run(graph, "naive", "2", {}, 60)
         assert good.upper is not None and worker.pid == pid
+        seen: list[str] = []  # the method's own progress lines come back while it runs
+        solved = worker.run(graph, "lipsdp", "2", {}, 120, progress=seen.append)
+        assert solved.upper is not None and worker.pid == pid
+        assert seen and all(isinstance(line, str) for line in seen), seen
+        assert any("Newton steps" in line or "ECLipsE" in line for line in seen), seen
