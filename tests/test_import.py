@@ -200,3 +200,30 @@ def test_external_data_outside_model_folder_is_refused(tmp_path):
     onnx.save(model, tmp_path / "ext.onnx")
     with pytest.raises(InputError, match="outside the model's folder"):
         lipcert.load(tmp_path / "ext.onnx")
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+@pytest.mark.parametrize("slope", [0.25, -0.5, 3.0])
+def test_prelu_with_one_slope_is_leaky_relu_and_bounded_soundly(slope, dynamo, tmp_path):
+    from helpers import sampled_gradient_lower
+
+    torch.manual_seed(4)
+    act = nn.PReLU()
+    act.weight.data.fill_(slope)
+    module = nn.Sequential(nn.Linear(6, 12), act, nn.Linear(12, 3))
+    graph = lipcert.load(export(module, torch.randn(1, 6), tmp_path / "p.onnx",
+                                dynamo=dynamo))
+    leaky = [n.op for n in graph.nodes if isinstance(n.op, O.LeakyRelu)]
+    assert len(leaky) == 1 and leaky[0].alpha == pytest.approx(slope, rel=1e-7)
+    for norm in ("2", "inf"):
+        lower = sampled_gradient_lower(graph, norm, samples=64)
+        for method in ("naive", "lipsdp"):
+            upper = lipcert.bound(graph, method, norm).upper
+            assert upper is not None and upper >= lower * (1 - 1e-9), (method, norm)
+
+
+def test_prelu_with_a_slope_per_channel_is_refused_by_name(tmp_path):
+    module = nn.Sequential(nn.Linear(6, 4), nn.PReLU(4), nn.Linear(4, 2))
+    path = export(module, torch.randn(1, 6), tmp_path / "pc.onnx")
+    with pytest.raises(UnsupportedOpsError, match=r"PRelu.*4 slopes"):
+        lipcert.load(path)

@@ -1,5 +1,5 @@
-"""Activations: Relu, LeakyRelu, Sigmoid, Tanh, Clip, Softmax, Max/Min, TopK (sorting),
-ReduceMax/ReduceMin."""
+"""Activations: Relu, LeakyRelu, PRelu (one slope), Sigmoid, Tanh, Clip, Softmax, Max/Min,
+TopK (sorting), ReduceMax/ReduceMin."""
 
 from __future__ import annotations
 
@@ -20,6 +20,24 @@ def relu(ctx: ImportContext) -> None:
 def leaky_relu(ctx: ImportContext) -> None:
     alpha = float(np.float32(ctx.attr("alpha", 0.01)))
     ctx.bind(0, ctx.emit(O.LeakyRelu(alpha), [ctx.data_input(0)]))
+
+
+@handles("PRelu")
+def prelu(ctx: ImportContext) -> None:
+    """PRelu with one slope (torch's nn.PReLU() default) is LeakyRelu with that slope; a
+    slope per channel is refused (every method reads one slope per activation)."""
+    x = ctx.data_input(0)
+    if ctx.is_data(1):
+        raise Unsupported("a slope computed from the model input")
+    slope = np.asarray(ctx.const(1))
+    if slope.size != 1:
+        raise Unsupported(f"PRelu with {slope.size} slopes (shape {list(slope.shape)}); one "
+                          "slope (nn.PReLU() with num_parameters=1) imports as LeakyRelu")
+    if len(slope.shape) > len(ctx.shape(x)):  # broadcasting would change the output's rank
+        raise Unsupported(f"a slope of rank {len(slope.shape)} on an input of rank "
+                          f"{len(ctx.shape(x))}")
+    alpha = float(np.float32(slope.reshape(-1)[0]))
+    ctx.bind(0, ctx.emit(O.LeakyRelu(alpha), [x]))
 
 
 @handles("Sigmoid")
