@@ -1,7 +1,8 @@
 """Start-up cost of the CLI: `lipcert --help` must stay lazy (about 0.1 s: no torch, cvxpy,
-scipy or plotting import), and the cost of a whole naive bound on a bundled model.
+scipy or plotting import), the cost of a whole naive bound on a bundled model, and of a
+compare of two quick methods (its methods run in a child process: what that costs).
 
-    python bench/startup.py [--repeat 5]
+    python bench/startup.py [--repeat 5] [--root CHECKOUT]
 
 Prints the best of --repeat runs of each command in a fresh process, and which heavy modules
 `--help` imported (none expected).
@@ -18,15 +19,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = [["--help"], ["bound", "--help"], ["methods"],
             ["bound", "models/digits_mlp.onnx", "--no-self-check"],
-            ["bound", "models/digits_mlp.onnx"]]
+            ["bound", "models/digits_mlp.onnx"],
+            ["compare", "models/digits_mlp.onnx", "--methods", "naive,gram"]]
 HEAVY = ("torch", "cvxpy", "scipy", "onnxruntime", "matplotlib")
 
 
-def best(args: list[str], repeat: int) -> float:
+def best(args: list[str], repeat: int, root: Path = ROOT) -> float:
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "lipcert.cli", *args], cwd=ROOT, check=True,
+        subprocess.run([sys.executable, "-m", "lipcert.cli", *args], cwd=root, check=True,
                        capture_output=True)
         times.append(time.perf_counter() - start)
     return min(times)
@@ -35,12 +37,14 @@ def best(args: list[str], repeat: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--root", type=Path, default=ROOT,
+                        help="a checkout to time (e.g. a git worktree of an older commit)")
     args = parser.parse_args()
-    baseline = best(["--version"], args.repeat)
+    baseline = best(["--version"], args.repeat, args.root)
     print(f"{'command':55} {'seconds':>8}")
     print(f"{'lipcert --version':55} {baseline:8.3f}")
     for cmd in COMMANDS:
-        print(f"{'lipcert ' + ' '.join(cmd):55} {best(cmd, args.repeat):8.3f}")
+        print(f"{'lipcert ' + ' '.join(cmd):55} {best(cmd, args.repeat, args.root):8.3f}")
     probe = ("import sys, lipcert.cli as c\n"
              "try:\n    c.cli(['--help'], standalone_mode=False)\nexcept SystemExit:\n    pass\n"
              f"print([m for m in {HEAVY!r} if m in sys.modules])")
