@@ -140,6 +140,15 @@ class MethodWorker:
         its interpreter to wind down would cost a second or more)."""
         self._stop()
 
+    def _died(self, method: str, norm: str, start: float) -> Bound:
+        """The method's row when its process ended without answering."""
+        self._proc.join(5)
+        code = self._proc.exitcode
+        self._stop()
+        why = (f"the process running it ended without a result (exit code {code}"
+               + ("; killed, e.g. for memory)" if code is not None and code < 0 else ")"))
+        return _failed(method, norm, start, f"failed: {why}", error=why)
+
     def run(self, graph: Graph, method: str, norm: str, options: dict,
             timeout: float | None,
             progress: Callable[[str], None] | None = None) -> Bound:
@@ -158,27 +167,25 @@ class MethodWorker:
         deadline = None if timeout is None else start + timeout
         try:
             self._conn.send((graph, method, norm, options, progress is not None))
-            while True:
-                left = None if deadline is None else max(0.0, deadline - time.perf_counter())
+        except (OSError, ValueError):  # the pipe broke: the process is gone
+            return self._died(method, norm, start)
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.perf_counter())
+            try:
                 if not wait([self._conn, self._proc.sentinel], left):
                     self._stop()
                     return _failed(method, norm, start,
                                    f"timed out after {timeout:g} s (raise --timeout or the "
                                    "method's timeout in the config)", timed_out=True)
                 kind, payload = self._conn.recv()
-                if kind != "progress":
-                    break
-                progress(payload)
-        except (KeyboardInterrupt, SystemExit):  # Ctrl-C: stop the child too, then stop
-            self._stop()
-            raise
-        except (EOFError, OSError, ValueError):  # no answer: killed, or a native crash
-            self._proc.join(5)
-            code = self._proc.exitcode
-            self._stop()
-            why = (f"the process running it ended without a result (exit code {code}"
-                   + ("; killed, e.g. for memory)" if code is not None and code < 0 else ")"))
-            return _failed(method, norm, start, f"failed: {why}", error=why)
+            except (KeyboardInterrupt, SystemExit):  # Ctrl-C: stop the child too, then stop
+                self._stop()
+                raise
+            except (EOFError, OSError):  # no answer: killed, or a native crash
+                return self._died(method, norm, start)
+            if kind != "progress":
+                break
+            progress(payload)  # outside the pipe's error handling: its errors are its own
         if kind == "error":
             return _failed(method, norm, start, f"failed: {payload}", error=payload)
         return payload
