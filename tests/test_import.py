@@ -227,3 +227,20 @@ def test_prelu_with_a_slope_per_channel_is_refused_by_name(tmp_path):
     path = export(module, torch.randn(1, 6), tmp_path / "pc.onnx")
     with pytest.raises(UnsupportedOpsError, match=r"PRelu.*4 slopes"):
         lipcert.load(path)
+
+
+def test_prelu_slope_keeps_a_double_models_precision(tmp_path):
+    # 0.1 is not a float32 number: a float64 model's slope must not be rounded to one
+    # (onnxruntime's CPU provider has no double PRelu, so the check is skipped here)
+    w = np.array([[1.0, -2.0], [0.5, 1.5]])
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]),
+         helper.make_node("PRelu", ["h", "s"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [1, 2])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([0.1]), "s")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]),
+              tmp_path / "d.onnx")
+    graph = lipcert.load(tmp_path / "d.onnx", verify=False)
+    (alpha,) = [n.op.alpha for n in graph.nodes if isinstance(n.op, O.LeakyRelu)]
+    assert alpha == 0.1

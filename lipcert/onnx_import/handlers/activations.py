@@ -36,7 +36,7 @@ def prelu(ctx: ImportContext) -> None:
     if len(slope.shape) > len(ctx.shape(x)):  # broadcasting would change the output's rank
         raise Unsupported(f"a slope of rank {len(slope.shape)} on an input of rank "
                           f"{len(ctx.shape(x))}")
-    alpha = float(np.float32(slope.reshape(-1)[0]))
+    alpha = float(slope.reshape(-1)[0])  # the tensor's own precision (a double model's too)
     ctx.bind(0, ctx.emit(O.LeakyRelu(alpha), [x]))
 
 
