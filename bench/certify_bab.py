@@ -17,7 +17,9 @@ benchmarks/mnistfc folder), found at $VNNCOMP2021 or ../.mirror/stanleybak+vnnco
                                 [--samples 15] [--shells 1,8]
 
 ``--shells``: nested boxes per sample (certify's integral certificate; 1 = the eps box
-alone, the certificate before shells); every budget runs with each.
+alone, the certificate before shells); every budget runs with each. ``--margin on,off``:
+with and without certify's margin bounds (off: radii from gradient bounds alone, the
+Lipschitz certificate); every budget and shell count runs with each.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=0.03)
     parser.add_argument("--budgets", default="0,60")
     parser.add_argument("--samples", type=int, default=15)
-    parser.add_argument("--shells", default="1,8")
+    parser.add_argument("--shells", default="8")
+    parser.add_argument("--margin", default="off,on")
     args = parser.parse_args()
     repo = Path(os.environ.get("VNNCOMP2021", DEFAULT_REPO))
     if not repo.exists():
@@ -78,20 +81,22 @@ def main() -> None:
     x = np.stack([p[0] for p in pairs]).reshape(len(pairs), *graph.input_shape)
     y = np.array([p[1] for p in pairs])
     print(f"{args.net}, eps {args.eps}, {len(y)} instances (VNN-COMP 2021 mnistfc)")
-    print(f"{'shells':>6} {'bab_time/sample':>16} {'certified':>10} {'clean':>6} "
-          f"{'time s':>8} {'s/sample':>9}  per sample (radius / eps)")
-    for budget in [float(b) for b in args.budgets.split(",")]:
-        for shells in [int(k) for k in args.shells.split(",")]:
-            t0 = time.perf_counter()
-            cert = C.certify(graph, x, y, eps=args.eps, method="local", norm="inf",
-                             options={"domain": (0.0, 1.0), "bab_time": budget},
-                             shells=shells)
-            elapsed = time.perf_counter() - t0
-            n_cert = int(cert.certified(args.eps).sum())
-            ratios = " ".join(f"{r / args.eps:.2f}" for r in cert.radii)
-            print(f"{shells:6d} {budget:16g} {n_cert:10d} {int(cert.correct.sum()):6d} "
-                  f"{elapsed:8.1f} {elapsed / len(y):9.2f}  {ratios}")
-            sys.stdout.flush()
+    print(f"{'margin':>6} {'shells':>6} {'bab_time/sample':>16} {'certified':>10} "
+          f"{'clean':>6} {'time s':>8} {'s/sample':>9}  per sample (radius / eps)")
+    for margin in args.margin.split(","):
+        for budget in [float(b) for b in args.budgets.split(",")]:
+            for shells in [int(k) for k in args.shells.split(",")]:
+                t0 = time.perf_counter()
+                cert = C.certify(graph, x, y, eps=args.eps, method="local", norm="inf",
+                                 options={"domain": (0.0, 1.0), "bab_time": budget},
+                                 shells=shells, margin_bounds=margin == "on")
+                elapsed = time.perf_counter() - t0
+                n_cert = int(cert.certified(args.eps).sum())
+                ratios = " ".join(f"{r / args.eps:.2f}" for r in cert.radii)
+                print(f"{margin:>6} {shells:6d} {budget:16g} {n_cert:10d} "
+                      f"{int(cert.correct.sum()):6d} {elapsed:8.1f} {elapsed / len(y):9.2f}  "
+                      f"{ratios}")
+                sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -229,8 +229,9 @@ def held_radius(center: np.ndarray, low: np.ndarray, high: np.ndarray,
 
 
 def shell_radius(margins: np.ndarray, radii: np.ndarray, lips: np.ndarray,
-                 cap: float) -> float:
-    """Certified radius from gradient bounds on nested boxes (the module doc's integral).
+                 cap: float, floors: np.ndarray | None = None) -> float:
+    """Certified radius from gradient bounds on nested boxes (the module doc's integral)
+    and, where given, lower bounds of the margins on those boxes.
 
     ``radii`` (K,) increasing: the gradient of pair j's logit difference is bounded by
     ``lips[k, j]`` on every point within radius radii[k] (the last box, radius ``cap``,
@@ -238,41 +239,62 @@ def shell_radius(margins: np.ndarray, radii: np.ndarray, lips: np.ndarray,
     distance r is at most F_j(r) = sum over shells of (min(r, s_k) - s_{k-1})^+ L_kj, a
     piecewise-linear function, evaluated rounded up; the radius is the largest r <= cap
     (rounded down) with F_j(r) < margins_j for every j, or ``cap`` when F_j(cap) is below
-    every margin. 0.0 unless every margin is a finite number > 0; NaN or negative bounds
-    are internal errors. K = 1 is the plain min_j margins_j / L_j."""
+    every margin. ``floors[k, j]`` > 0 (already reduced by the evaluation slack): margin j
+    is at least that on box k, so every point within s_k keeps the label and the integral
+    may start again from s_k with that margin (the point at distance s_k on the segment
+    lies in box k); a floor on the last box gives ``cap``. Pair j's radius is the best of
+    these starts. 0.0 unless every margin is a finite number > 0; NaN or negative bounds
+    are internal errors, a NaN floor is no floor. K = 1 without floors is the plain
+    min_j margins_j / L_j."""
     margins = np.asarray(margins, dtype=np.float64)
     lips = checked_array(np.asarray(lips, dtype=np.float64).reshape(len(radii), -1),
                          "a logit-difference gradient bound", nonnegative=True)
     if margins.size == 0 or not (np.all(margins > 0) and np.all(np.isfinite(margins))):
         return 0.0
-    # a shell's box lies inside the next one's: its bound is at most every outer bound
+    floors = np.zeros_like(lips) if floors is None else np.asarray(
+        floors, dtype=np.float64).reshape(lips.shape)
+    floors = np.where(floors > 0, floors, 0.0)  # NaN fails: no floor
+    # a shell's box lies inside the next one's: its bounds are at least as good as every
+    # outer box's
     lips = np.minimum.accumulate(lips[::-1], axis=0)[::-1]
+    floors = np.maximum.accumulate(floors[::-1], axis=0)[::-1]
     edges = [0.0] + [float(r) for r in radii]
     radius = cap
     for j, margin in enumerate(margins):
-        spent = 0.0  # F_j at edges[k], rounded up
-        for k in range(len(radii)):
-            lip = float(lips[k, j])
-            step = add_up(spent, mul_up(up(edges[k + 1] - edges[k]), lip))
-            if step < margin:
-                spent = step
-                continue
-            if not lip > 0:  # reached by rounding alone: F_j(edges[k]) = spent < margin
-                radius = min(radius, edges[k])
-                break
-            # margin reached inside shell k: edges[k] + (margin - spent) / lip, checked
-            r = edges[k] + (margin - spent) / lip
-            for _ in range(4):
-                if not r > edges[k] or add_up(spent, mul_up(up(r - edges[k]), lip)) < margin:
-                    break
-                r = math.nextafter(r, 0.0) * (1 - 1e-15)
-            if not (r > edges[k] and add_up(spent, mul_up(up(r - edges[k]), lip)) < margin):
-                r = edges[k]  # F_j(edges[k]) = spent < margin
-            radius = min(radius, r)
-            break
+        best = _integral_radius(float(margin), edges, lips[:, j], 0, cap)
+        for k in np.flatnonzero(floors[:, j] > 0):
+            best = max(best, _integral_radius(float(floors[k, j]), edges, lips[:, j],
+                                              int(k) + 1, cap))
+        radius = min(radius, best)
     if not radius < cap:
         return cap
     return radius if radius > 0 else 0.0
+
+
+def _integral_radius(margin: float, edges: list[float], lips: np.ndarray, first: int,
+                     cap: float) -> float:
+    """The largest r in [edges[first], cap] (rounded down) with margin - int from
+    edges[first] to r of the shells' gradient bounds > 0, or ``cap`` when the whole
+    integral stays below the margin (``margin`` > 0 holds up to edges[first])."""
+    spent = 0.0  # the integral up to edges[k], rounded up
+    for k in range(first, len(lips)):
+        lip = float(lips[k])
+        step = add_up(spent, mul_up(up(edges[k + 1] - edges[k]), lip))
+        if step < margin:
+            spent = step
+            continue
+        if not lip > 0:  # reached by rounding alone: the integral at edges[k] is below
+            return edges[k]
+        # margin reached inside shell k: edges[k] + (margin - spent) / lip, checked
+        r = edges[k] + (margin - spent) / lip
+        for _ in range(4):
+            if not r > edges[k] or add_up(spent, mul_up(up(r - edges[k]), lip)) < margin:
+                break
+            r = math.nextafter(r, 0.0) * (1 - 1e-15)
+        if not (r > edges[k] and add_up(spent, mul_up(up(r - edges[k]), lip)) < margin):
+            r = edges[k]  # the integral at edges[k] = spent < margin
+        return r
+    return cap
 
 
 class _Onnxruntime:
@@ -425,11 +447,12 @@ def _sample_task(payload: dict[str, Any], i: int) -> list[float]:
     """The bounds on one sample's logit differences over its nested boxes, shell-major (run
     in a worker)."""
     label = int(payload["y"][i])
-    lips = _shell_bounds(payload["graph"], payload["method"], payload["norm"],
-                         payload["x"][i], payload["eps"], payload["shells"], label,
-                         payload["n_classes"], payload["options"],
-                         payload["margins_of"][i])
-    return [float(v) for v in lips.reshape(-1)]
+    lips, floors = _shell_bounds(payload["graph"], payload["method"], payload["norm"],
+                                 payload["x"][i], payload["eps"], payload["shells"], label,
+                                 payload["n_classes"], payload["options"],
+                                 payload["margins_of"][i], payload["slack"],
+                                 payload["margin_bounds"])
+    return [float(v) for v in lips.reshape(-1)] + [float(v) for v in floors.reshape(-1)]
 
 
 def certify(graph: Graph, x: np.ndarray, y: np.ndarray, *, eps: float, method: str = "naive",
@@ -438,7 +461,7 @@ def certify(graph: Graph, x: np.ndarray, y: np.ndarray, *, eps: float, method: s
             self_check: bool = True, workers: int = 1,
             checkpoint: str | Path | None = None, resume: bool = False,
             ray: str | None = None, pair_bounds: str = "each",
-            shells: int | None = None) -> Certification:
+            shells: int | None = None, margin_bounds: bool = True) -> Certification:
     """Certified radius of every sample from logit-difference bounds (see the module doc).
 
     ``workers`` > 1 bounds the samples' boxes (box-scoped methods) in that many processes;
@@ -449,7 +472,11 @@ def certify(graph: Graph, x: np.ndarray, y: np.ndarray, *, eps: float, method: s
     ``pair_bounds`` "global" (global methods) bounds f once and gives every pair
     ||e_y - e_j||_q L (:func:`pairs_from_global`) instead of bounding each pair.
     ``shells`` (box-scoped methods; default :data:`DEFAULT_SHELLS`): nested boxes per
-    sample (:func:`shell_radius`); 1 bounds the eps box alone."""
+    sample (:func:`shell_radius`); 1 bounds the eps box alone. ``margin_bounds``
+    (box-scoped methods that bound margins, i.e. ``local``): also bound each logit
+    difference from below on the sample's boxes (:mod:`lipcert.estimators.local.margin`), a
+    second certificate that :func:`shell_radius` combines with the gradient bounds; False
+    gives radii from gradient bounds alone (Lipschitz radii, to compare methods)."""
     eps = parse_eps(eps)
     estimator = _check_method(method, norm)
     options = dict(options or {})
@@ -463,6 +490,7 @@ def certify(graph: Graph, x: np.ndarray, y: np.ndarray, *, eps: float, method: s
         raise InputError(f"method {method} bounds each sample's box x +- eps: give --eps > 0")
     domain = parse_domain(options.get("domain")) if box_scoped else None
     shells = _check_shells(shells, box_scoped, method)
+    margin_bounds = bool(margin_bounds) and box_scoped and estimator.bounds_margins
     x, n_classes = _check_data(graph, x, y, domain)
     ev = _evaluate(graph, x)
     cap = eps if box_scoped else math.inf
@@ -472,14 +500,15 @@ def certify(graph: Graph, x: np.ndarray, y: np.ndarray, *, eps: float, method: s
         graph.meta.get("sha256"), data_hash(x, y), method, norm, eps,
         {**{k: v for k, v in options.items() if k != "progress"},
          **({"pair_bounds": pair_bounds} if pair_bounds != "each" else {}),
-         **({"shells": shells} if shells != 1 else {})}), resume)
+         **({"shells": shells} if shells != 1 else {}),
+         **({"margin_bounds": False} if box_scoped and not margin_bounds else {})}), resume)
     cluster = None
     try:
         if ray is not None:
             cluster = RayCluster(ray, num_cpus=workers if workers > 1 else None)
         return _certify_samples(graph, x, y, eps, method, norm, options, progress, self_check,
                                 (workers, cluster), ckpt, ev, n_classes, box_scoped, cap,
-                                domain, pair_bounds, shells)
+                                domain, pair_bounds, shells, margin_bounds)
     finally:
         if ckpt is not None:
             ckpt.close()
@@ -538,12 +567,15 @@ def _global_pair_bounds(graph, method, norm, options, progress, self_check, wher
 
 def _certify_samples(graph, x, y, eps, method, norm, options, progress, self_check, where,
                      ckpt, ev, n_classes, box_scoped, cap, domain,
-                     pair_bounds_from: str = "each", shells: int = 1) -> Certification:
+                     pair_bounds_from: str = "each", shells: int = 1,
+                     margin_bounds: bool = False) -> Certification:
     radii = np.zeros(len(x))
     margins, diffs_of = _margins(ev, y, n_classes)
+    by_margin = 0  # samples whose radius the margin bounds raised
     if box_scoped:
         lips_of = _box_bounds_of(graph, x, y, eps, method, norm, options, n_classes,
-                                 sorted(diffs_of), where, ckpt, progress, diffs_of, shells)
+                                 sorted(diffs_of), where, ckpt, progress, diffs_of, shells,
+                                 ev.slack, margin_bounds)
         pair_bounds = np.zeros((n_classes, n_classes))
     else:
         pair_bounds = _global_pair_bounds(graph, method, norm, options, progress, self_check,
@@ -553,15 +585,11 @@ def _certify_samples(graph, x, y, eps, method, norm, options, progress, self_che
         label = int(y[i])
         others = _others(label, n_classes)
         if box_scoped:
-            lips = np.asarray(lips_of[i], dtype=np.float64).reshape(shells, len(others))
-            pair_bounds[label, others] = np.maximum(pair_bounds[label, others], lips[-1])
-            shell_boxes = [_box(x[i], r, options) for r in shell_radii(eps, shells)]
-            held = [held_radius(x[i].reshape(-1), lo, hi, domain) for lo, hi in shell_boxes]
-            held[-1] = eps  # the eps box holds the segment to any of its points
-            held = np.minimum.accumulate(np.array(held)[::-1])[::-1]
-            for (lo, hi), row in zip(shell_boxes, lips, strict=True):
-                boxes.append((lo, hi, _queries(label, others, n_classes), row))
-            radii[i] = shell_radius(diffs, held, lips, cap)
+            values = np.asarray(lips_of[i], dtype=np.float64).reshape(2, shells, len(others))
+            pair_bounds[label, others] = np.maximum(pair_bounds[label, others], values[0, -1])
+            radii[i], raised = _box_radius(x[i], label, others, n_classes, diffs, values,
+                                           eps, options, domain, ev.slack, boxes)
+            by_margin += raised
         else:
             radii[i] = certified_radius(diffs, pair_bounds[label, others], cap)
     notes = list(ev.notes)
@@ -581,6 +609,11 @@ def _certify_samples(graph, x, y, eps, method, norm, options, progress, self_che
             notes.append(f"{ckpt.resumed} samples read back from the checkpoint {ckpt.path}")
         notes.append(f"{method} bounds on each sample's box x +- {eps:g} (linf); radii are "
                      "capped at eps; pair bounds shown are the largest over the samples")
+        if margin_bounds:
+            notes.append(f"margin bounds (bound propagation on each logit difference over "
+                         f"the sample's boxes, minus the slack) raised {by_margin} of "
+                         f"{len(diffs_of)} radii; --no-margin-bounds gives gradient-bound "
+                         "(Lipschitz) radii alone")
         if shells > 1:
             notes.append(f"radii from {shells} nested boxes x +- eps k/{shells} (the margin's "
                          "decrease is at most the integral of the gradient bound over the "
@@ -595,13 +628,33 @@ def _certify_samples(graph, x, y, eps, method, norm, options, progress, self_che
     return cert
 
 
+def _box_radius(x: np.ndarray, label: int, others: np.ndarray, n_classes: int,
+                diffs: np.ndarray, values: np.ndarray, eps: float, options: dict, domain,
+                slack: float, boxes: list) -> tuple[float, bool]:
+    """One sample's radius from its gradient bounds and margin floors ``values`` (2,
+    shells, pairs) and whether the floors raised it; appends its boxes, bounds and floors
+    (before the slack; -inf: none) to ``boxes`` for the self-check."""
+    lips, floors = values[0], values[1]
+    shell_boxes = [_box(x, r, options) for r in shell_radii(eps, len(lips))]
+    held = [held_radius(x.reshape(-1), lo, hi, domain) for lo, hi in shell_boxes]
+    held[-1] = eps  # the eps box holds the segment to any of its points
+    held = np.minimum.accumulate(np.array(held)[::-1])[::-1]
+    for (lo, hi), row, floor in zip(shell_boxes, lips, floors, strict=True):
+        boxes.append((lo, hi, _queries(label, others, n_classes), row,
+                      np.where(floor > 0, floor + slack, -np.inf)))
+    cap = eps
+    radius = shell_radius(diffs, held, lips, cap, floors)
+    return radius, bool(radius > shell_radius(diffs, held, lips, cap))
+
+
 def _self_check(graph: Graph, cert: Certification, x: np.ndarray,
                 runtime: _Onnxruntime | None, boxes: list, domain) -> None:
     """Box bounds against their boxes' centres and corners; certified samples attacked."""
     if boxes:
         cert.details["box_check"] = check_boxes(
-            graph, cert.method, cert.norm, [(lo, hi) for lo, hi, _, _ in boxes],
-            np.stack([c for *_, c, _ in boxes]), np.stack([u for *_, u in boxes]))
+            graph, cert.method, cert.norm, [(lo, hi) for lo, hi, *_ in boxes],
+            np.stack([b[2] for b in boxes]), np.stack([b[3] for b in boxes]),
+            floors=np.stack([b[4] for b in boxes]))
 
     def predict(pts: np.ndarray) -> np.ndarray:
         pts = pts.reshape(len(pts), *graph.input_shape)
@@ -620,22 +673,25 @@ def _self_check(graph: Graph, cert: Certification, x: np.ndarray,
 
 def _box_bounds_of(graph, x, y, eps, method, norm, options, n_classes, todo: list[int],
                    where: tuple, ckpt, progress, margins_of: dict[int, np.ndarray],
-                   shells: int = 1) -> dict[int, list[float]]:
+                   shells: int = 1, slack: float = 0.0,
+                   margin_bounds: bool = False) -> dict[int, list[float]]:
     """Per-sample bounds for the samples ``todo``: from the checkpoint where it has them,
     the others computed (in ``workers`` processes) and appended to it as they finish."""
     wanted = set(todo)
     found = {} if ckpt is None else {i: b for i, b in ckpt.samples.items() if i in wanted}
-    for i, bounds in found.items():  # one bound per shell and other class, each >= 0
-        if len(bounds) != shells * (n_classes - 1):
+    for i, bounds in found.items():  # per shell and other class: a gradient bound, then
+        # a margin floor (0: none), each >= 0
+        if len(bounds) != 2 * shells * (n_classes - 1):
             raise InputError(f"--resume: the checkpoint holds {len(bounds)} bounds for sample "
                              f"{i}; {shells} shells of a model with {n_classes} classes need "
-                             f"{shells * (n_classes - 1)}")
+                             f"{2 * shells * (n_classes - 1)} (written by another lipcert "
+                             "version? start a new checkpoint)")
     if ckpt is not None:
         ckpt.resumed = len(found)
     missing = [i for i in todo if i not in found]
     payload = {"graph": graph, "x": x, "y": y, "eps": eps, "method": method, "norm": norm,
                "options": options, "n_classes": n_classes, "margins_of": margins_of,
-               "shells": shells}
+               "shells": shells, "slack": slack, "margin_bounds": margin_bounds}
     if progress:
         progress(len(found), len(todo))
     for i, bounds, seconds, worker in run_samples(_sample_task, payload, missing, *where):
@@ -681,34 +737,68 @@ def _box_bounds(graph: Graph, method: str, norm: str, x: np.ndarray, eps: float,
                          nonnegative=True)
 
 
+def _margin_floors(graph: Graph, method: str, x: np.ndarray, eps: float, label: int,
+                   others: np.ndarray, n_classes: int, options: dict, slack: float,
+                   seconds: float) -> np.ndarray:
+    """Lower bounds of the sample's logit differences on its box x +- eps, minus ``slack``
+    and rounded down, where positive (else 0: no floor); ``seconds`` of branch-and-bound
+    aiming at every one above the slack."""
+    low, high = _box(x, eps, options)
+    result = get_estimator(method).margin_lower_bounds(
+        graph, low, high, _queries(label, others, n_classes), threshold=slack,
+        time_budget=seconds, **options)
+    lower = np.nextafter(np.asarray(result.lower, dtype=np.float64) - slack, -np.inf)
+    return np.where(lower > 0, lower, 0.0)  # NaN: no floor
+
+
 def _shell_bounds(graph: Graph, method: str, norm: str, x: np.ndarray, eps: float,
                   shells: int, label: int, n_classes: int, options: dict,
-                  margins: np.ndarray) -> np.ndarray:
-    """Gradient bounds (shells, pairs) on the sample's nested boxes x +- eps k / shells.
+                  margins: np.ndarray, slack: float = 0.0,
+                  margin_bounds: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Gradient bounds and margin floors, each (shells, pairs), on the sample's nested boxes
+    x +- eps k / shells (floors: :func:`_margin_floors`, zero without ``margin_bounds``).
 
-    Every box gets its root bound (bab_time 0), the eps box first: a sample it certifies
+    Every box gets its root bounds (bab_time 0), the eps box first: a sample they certify
     alone needs no inner box (they get its bounds). With a budget ``bab_time`` T > 0 and the
-    sample not yet certified, branch-and-bound refines one box at a time, the box whose
-    share of the binding pairs' integral (:func:`shell_radius`) is largest first, for a
-    share of the time left proportional to it; its targets ask each pair j for the
-    reduction F_j would need if every box were reduced alike (L_kj m_j / F_j), recomputed
-    after each box, and it stops as soon as the sample is certified."""
+    sample not yet certified, the eps box's margin bounds get branch-and-bound first, for
+    as much of T as they need: they certify the sample outright, and stop as soon as they
+    do or a counterexample shows they cannot. The time left refines gradient bounds one box
+    at a time, the box whose share of the binding pairs' integral (:func:`shell_radius`) is
+    largest first, for a share of the time left proportional to it; its targets ask each
+    pair j for the reduction F_j would need if every box were reduced alike (L_kj m_j /
+    F_j), recomputed after each box, and it stops as soon as the sample is certified."""
     others = _others(label, n_classes)
     radii = shell_radii(eps, shells)
     budget = float(options.get("bab_time", 0.0))
+    deadline = time.perf_counter() + budget
     root_options = {**options, "bab_time": 0.0}
+    floors = np.zeros((shells, len(others)))
     outer = _box_bounds(graph, method, norm, x, eps, label, others, n_classes, root_options)
     margins = np.asarray(margins, dtype=np.float64)
+
+    def done() -> tuple[np.ndarray, np.ndarray]:
+        # each inner box lies in the eps box, so the eps box's bounds stand for theirs
+        return np.tile(outer, (shells, 1)), np.tile(floors[-1], (shells, 1))
+
     if np.all(eps * outer < margins):  # NaN fails
-        # certified by the eps box alone: the radius is eps whatever the inner boxes give;
-        # each inner box lies in the eps box, so its bound stands for theirs
-        return np.tile(outer, (shells, 1))
+        return done()  # certified by the eps box alone: the radius is eps
+    if margin_bounds:
+        floors[-1] = _margin_floors(graph, method, x, eps, label, others, n_classes,
+                                       options, slack, 0.0)
+        if not np.all(floors[-1] > 0) and budget > 0:
+            refined = _margin_floors(graph, method, x, eps, label, others, n_classes,
+                                        options, slack, budget)
+            floors[-1] = np.maximum(floors[-1], refined)
+        if np.all(floors[-1] > 0):
+            return done()
+        for k, r in enumerate(radii[:-1]):
+            floors[k] = _margin_floors(graph, method, x, r, label, others, n_classes,
+                                          options, slack, 0.0)
     lips = np.stack([_box_bounds(graph, method, norm, x, r, label, others, n_classes,
                                  root_options) for r in radii[:-1]] + [outer])
     if not budget > 0:
-        return lips
+        return lips, floors
     widths = np.diff([0.0] + radii)[:, None]
-    deadline = time.perf_counter() + budget
     todo = list(range(shells))
     while todo:
         lips = np.minimum.accumulate(lips[::-1], axis=0)[::-1]
@@ -727,4 +817,4 @@ def _shell_bounds(graph: Graph, method: str, norm: str, x: np.ndarray, eps: floa
         refined = _box_bounds(graph, method, norm, x, radii[k], label, others, n_classes,
                               {**options, "bab_time": seconds}, targets)
         lips[k] = np.minimum(lips[k], refined)
-    return lips
+    return lips, floors

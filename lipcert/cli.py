@@ -269,10 +269,14 @@ def bound(model: str, method: str, norm: str, json_out: str | None, no_verify: b
 @click.option("--shells", type=int, default=None,
               help="local: nested boxes per sample (radius from the integral of their "
                    "gradient bounds; 1 = the eps box alone)  [default: 8]")
+@click.option("--margin-bounds/--no-margin-bounds", "margin_bounds", default=None,
+              help="local: also bound each logit difference from below on the sample's "
+                   "boxes, a second certificate (--no-margin-bounds: radii from gradient "
+                   "bounds alone, to compare Lipschitz methods)  [default: on]")
 def certify(model, data, labels, eps, norm, method, gate, report_eps, json_out, junit,
             junit_per_sample, config_path, no_verify, device, raw_options,
             no_self_check, workers, checkpoint, resume, ray_address, pair_bounds,
-            shells) -> None:
+            shells, margin_bounds) -> None:
     """Certified radius per sample and certified accuracy; a CI gate (exit 1 below it)."""
     from rich.progress import (
         BarColumn,
@@ -319,6 +323,10 @@ def certify(model, data, labels, eps, norm, method, gate, report_eps, json_out, 
     ray_address = ray_address or cfg.get("ray")
     pair_bounds = pair_bounds or cfg.get("pair_bounds", "each")
     shells = shells if shells is not None else cfg.get("shells")
+    margin_bounds = margin_bounds if margin_bounds is not None else cfg.get("margin_bounds",
+                                                                             True)
+    if not isinstance(margin_bounds, bool):
+        raise InputError(f"margin_bounds {margin_bounds!r} in --config: give true or false")
     if resume and not checkpoint:
         raise InputError("--resume needs --checkpoint FILE (the run to continue)")
     if checkpoint:
@@ -336,7 +344,8 @@ def certify(model, data, labels, eps, norm, method, gate, report_eps, json_out, 
         cert = C.certify(graph, x, y, eps=eps, method=method, norm=norm, options=options,
                          progress=tick, self_check=not no_self_check, workers=workers,
                          checkpoint=checkpoint, resume=resume, ray=ray_address,
-                         pair_bounds=pair_bounds, shells=shells)
+                         pair_bounds=pair_bounds, shells=shells,
+                         margin_bounds=margin_bounds)
     summary = cert.summary(eps_list)
     print_table(certify_table(graph, cert, summary, gate), to_stderr=json_out == "-")
     if json_out:

@@ -47,6 +47,9 @@ CERTIFY_KEYS: dict[str, tuple] = {
                 "a whole number >= 1"),
     "checkpoint": _STR, "ray": _STR,
     "pair_bounds": (lambda v: v in ("each", "global"), '"each" or "global"'),
+    "shells": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+               "a whole number >= 1"),
+    "margin_bounds": (lambda v: isinstance(v, bool), "true or false"),
 }
 COMPARE_KEYS: dict[str, tuple] = {
     "methods": (_methods_value, 'a list of method names, e.g. ["naive", "gram"]'),

@@ -124,10 +124,12 @@ def check_upper(graph: Graph, method: str, norm: str, uppers: list[float], *,
 
 
 def check_boxes(graph: Graph, method: str, norm: str, boxes: list[tuple[np.ndarray, np.ndarray]],
-                queries: np.ndarray, uppers: np.ndarray, seed: int = 0) -> dict:
+                queries: np.ndarray, uppers: np.ndarray, seed: int = 0,
+                floors: np.ndarray | None = None) -> dict:
     """:func:`check_upper` for many boxes at once (certification with a box-scoped method):
     each box's centre and one corner of random signs, ``queries`` (S, Q, m) and ``uppers``
-    (S, Q) per box, all Jacobians from one batched forward."""
+    (S, Q) per box, all Jacobians from one batched forward. ``floors`` (S, Q): lower bounds
+    of each query's value on its box (-inf: none), checked at the same points."""
     start = time.perf_counter()
     if not boxes:
         return {"boxes": 0, "seconds": 0.0}
@@ -148,6 +150,20 @@ def check_boxes(graph: Graph, method: str, norm: str, boxes: list[tuple[np.ndarr
             f"soundness check failed: method {method} bounded query {int(q)} of box {int(s)} "
             f"by {uppers[s, q]:.9g}, but the network attains {lowers[s, q]:.9g} in that box. "
             "No result printed; this is a bug in lipcert, please report it with the model")
+    if floors is not None:
+        with torch.no_grad():
+            out = evaluate.run_batch(graph, xs).reshape(len(boxes), 2, -1)
+        values = (torch.as_tensor(queries, dtype=torch.float64)[:, None] @ out[..., None])
+        lowest = values[..., 0].min(dim=1).values.numpy()  # (S, Q)
+        # written so that NaN fails: a floor is consistent only when proven below the values
+        bad = np.argwhere(~(np.asarray(floors) <= lowest + 1e-9 * (1 + np.abs(lowest))))
+        if bad.size:
+            s, q = bad[0]
+            raise InternalCheckFailed(
+                f"soundness check failed: method {method} bounded query {int(q)} of box "
+                f"{int(s)} from below by {floors[s, q]:.9g}, but the network takes "
+                f"{lowest[s, q]:.9g} in that box. No result printed; this is a bug in "
+                "lipcert, please report it with the model")
     return {"boxes": len(boxes), "points": 2 * len(boxes),
             "seconds": time.perf_counter() - start}
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lipcert
-from lipcert.estimators.local.jacobian import _crown_max, forward_bounds
+from lipcert.estimators.local.jacobian import crown_max, forward_bounds
 from lipcert.ir import ops as O
 from lipcert.ir.lowering import build_affine_dag
 
@@ -77,8 +77,8 @@ def test_optimised_bounds_hold_on_the_split_domain_and_are_within_crown(widths, 
         # same earlier relaxations: it is no looser than that CROWN bound
         rows = torch.nonzero(tuned.relax[k].mixed[0]).reshape(-1)
         if rows.numel():
-            up = _crown_max(dag, k + 1, 1.0, tuned.relax, xl, xu, rows)
-            lo = -_crown_max(dag, k + 1, -1.0, tuned.relax, xl, xu, rows)
+            up = crown_max(dag, k + 1, 1.0, tuned.relax, xl, xu, rows)
+            lo = -crown_max(dag, k + 1, -1.0, tuned.relax, xl, xu, rows)
             assert bool((tuned.zu[k][:, rows] <= up + 1e-9 * (1 + up.abs())).all()), k
             assert bool((tuned.zl[k][:, rows] >= lo - 1e-9 * (1 + lo.abs())).all()), k
     assert not bool(tuned.infeasible.any())  # the anchor's pattern is not empty

@@ -83,6 +83,9 @@ class Estimator:
     #: True: given ``targets`` (one per query, the bounds a certificate needs) the method
     #: may stop refining once they are met (its bounds stay valid either way)
     takes_targets: ClassVar[bool] = False
+    #: True: the method also bounds output functionals from below on a box
+    #: (``margin_lower_bounds``), which certification uses as a second certificate
+    bounds_margins: ClassVar[bool] = False
 
     @property
     def accepts_region(self) -> bool:

@@ -49,12 +49,36 @@ PROBE_SHARE = 0.1
 
 @dataclass
 class Domain:
+    """A query on the box with split constraints: the searches here (an upper ``bound`` of
+    the gradient norm) and in :mod:`.margin` (a lower ``bound`` of the functional)."""
+
     query: int
     splits: list[torch.Tensor]  # per activation, (n_k,) int8: +1 z >= 0, -1 z <= 0, 0 free
     zl: list[torch.Tensor]
     zu: list[torch.Tensor]
-    upper: float
+    bound: float
     branch: tuple[int, int] | None  # (activation, neuron) to split next; None: a leaf
+
+    def children(self) -> list[Domain]:
+        """The two domains z >= 0 and z <= 0 of the branching neuron, with this domain's
+        bounds (valid on both) until they are bounded themselves."""
+        act, idx = self.branch  # type: ignore[misc]
+        out = []
+        for side in (1, -1):
+            splits = [s.clone() for s in self.splits]
+            splits[act][idx] = side
+            out.append(Domain(self.query, splits, self.zl, self.zu, self.bound, None))
+        return out
+
+
+def stack_domains(domains: list[Domain], n_acts: int
+                  ) -> tuple[list[torch.Tensor], tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """The domains' split constraints and pre-activation bounds as batches, (D, n_k) per
+    activation: the ``splits`` and ``prior`` of :func:`~.jacobian.forward_bounds`."""
+    def stack(field: str) -> list[torch.Tensor]:
+        return [torch.stack([getattr(d, field)[k] for d in domains]) for k in range(n_acts)]
+
+    return stack("splits"), (stack("zl"), stack("zu"))
 
 
 @dataclass
@@ -222,17 +246,17 @@ class _Search:
 
     def _priority(self, dom: Domain) -> float:
         if self.targets is None:
-            return dom.upper
+            return dom.bound
         target = self.targets[dom.query]
-        return dom.upper / target if target > 0 else math.inf
+        return dom.bound / target if target > 0 else math.inf
 
     def _settle(self, dom: Domain) -> None:
-        self.closed = max(self.closed, dom.upper)
-        self.per_query_closed[dom.query] = max(self.per_query_closed[dom.query], dom.upper)
+        self.closed = max(self.closed, dom.bound)
+        self.per_query_closed[dom.query] = max(self.per_query_closed[dom.query], dom.bound)
 
     def push(self, dom: Domain) -> None:
         # written so that NaN fails: only a bound proven <= its target is settled
-        if self.targets is not None and dom.upper <= self.targets[dom.query]:
+        if self.targets is not None and dom.bound <= self.targets[dom.query]:
             self._settle(dom)
             return
         heapq.heappush(self.heap, (-self._priority(dom), next(self.counter), dom))
@@ -240,7 +264,7 @@ class _Search:
     def best(self) -> float:
         if self.targets is None:
             return max(-self.heap[0][0] if self.heap else -np.inf, self.closed)
-        return max([dom.upper for _, _, dom in self.heap] + [self.closed])
+        return max([dom.bound for _, _, dom in self.heap] + [self.closed])
 
     def gap_closed(self, rtol: float) -> bool:
         return self.lower > -np.inf and self.best() <= self.lower * (1 + rtol) + 1e-300
@@ -254,9 +278,9 @@ class _Search:
                 self.pruned += 1
                 return
             if where == "interior":  # the pattern holds on an open set: attained
-                self.lower = max(self.lower, dom.upper)
+                self.lower = max(self.lower, dom.bound)
         self._settle(dom)
-        if self.targets is not None and not dom.upper <= self.targets[dom.query]:
+        if self.targets is not None and not dom.bound <= self.targets[dom.query]:
             self.hopeless = True  # an unsplittable domain above its target
 
     def pop_batch(self, batch: int) -> list[Domain]:
@@ -271,16 +295,8 @@ class _Search:
 
     def expand(self, popped: list[Domain], sizes: list[int]) -> None:
         """Split each popped domain on its branching neuron and bound both children."""
-        children: list[Domain] = []
-        for dom in popped:
-            act, idx = dom.branch  # type: ignore[misc]
-            for side in (1, -1):
-                splits = [s.clone() for s in dom.splits]
-                splits[act][idx] = side
-                children.append(Domain(dom.query, splits, dom.zl, dom.zu, dom.upper, None))
-        stacked = [torch.stack([ch.splits[k] for ch in children]) for k in range(len(sizes))]
-        prior = ([torch.stack([ch.zl[k] for ch in children]) for k in range(len(sizes))],
-                 [torch.stack([ch.zu[k] for ch in children]) for k in range(len(sizes))])
+        children = [child for dom in popped for child in dom.children()]
+        stacked, prior = stack_domains(children, len(sizes))
         queries = [ch.query for ch in children]
         if self.child_steps is None:  # the first split: are optimised bounds worth it?
             t0 = time.perf_counter()
@@ -301,7 +317,7 @@ class _Search:
             value = float(upper[i])
             if _infeasible(value):
                 continue
-            ch.upper = min(value, ch.upper)  # a sub-domain's bound never needs to grow
+            ch.bound = min(value, ch.bound)  # a sub-domain's bound never needs to grow
             ch.zl = [z[i] for z in fwd.zl]
             ch.zu = [z[i] for z in fwd.zu]
             ch.branch = branches[i]
@@ -310,7 +326,7 @@ class _Search:
     def per_query(self, root: list[float]) -> list[float]:
         values = list(self.per_query_closed)
         for _, _, dom in self.heap:  # the heap key is a priority: read each domain's bound
-            values[dom.query] = max(values[dom.query], dom.upper)
+            values[dom.query] = max(values[dom.query], dom.bound)
         return [min(p, r) for p, r in zip(values, root, strict=True)]
 
 

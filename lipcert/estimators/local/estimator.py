@@ -34,6 +34,7 @@ from ..common.region import box_from_options, nudged
 from ..settings import setting
 from .bab import BabResult, LocalProblem, branch_and_bound
 from .jacobian import gradient_cap, jacobian_norm_cap
+from .margin import CHILD_STEPS, MarginResult, margin_bounds
 
 DEFAULT_BAB_TIME = 10.0
 #: projected gradient steps of alpha/beta optimisation per pre-activation bound
@@ -112,12 +113,35 @@ class LocalEstimator(Estimator):
     deadline = ("bab_time", 0.5)
     certify_defaults = {"bab_time": 0.0}  # certify: bound propagation per sample
     takes_targets = True
+    bounds_margins = True
     summary = ("local linf or l2 bound on a box (x0 +- eps): Clarke-Jacobian bound "
                "propagation with branch-and-bound (Shi et al., NeurIPS 2022)")
     norms = ("inf", "2")
     scope = "box"
     # GroupSort/MaxMin: written exactly as ReLU compare-exchanges (a sorting network)
     handlers = {op: None for op in (*UNROLLABLE, O.GroupSort)}
+
+    def margin_lower_bounds(self, graph: Graph, low: np.ndarray, high: np.ndarray,
+                            c: np.ndarray, *, threshold: float, time_budget: float,
+                            **options: Any) -> MarginResult:
+        """Lower bounds of min over the box [low, high] of c_q^T f for each row c_q
+        (:func:`~.margin.margin_bounds`; ``time_budget`` seconds of branch-and-bound aiming
+        at bounds above ``threshold``), with this method's settings in ``options``."""
+        settings = self.parse_settings({k: v for k, v in options.items()
+                                        if k in self.settings.__dataclass_fields__})
+        for node in graph.nodes:
+            self.handler(node)
+        dag = cached_expansion(cached_affine_dag(graph, self.name, settings.max_entries),
+                               self.name, settings.max_entries)
+        report = options.get("progress")
+        return margin_bounds(
+            dag, low, high, c, threshold=threshold, time_budget=time_budget,
+            iterations=settings.optimize_steps,
+            child_iterations=min(settings.optimize_steps, CHILD_STEPS), batch=settings.batch,
+            max_domains=settings.max_domains,
+            progress=None if report is None else lambda info: report(
+                f"margin branch-and-bound {info['elapsed']:.0f} s, {info['domains']:,} "
+                f"domains ({info['open']:,} open), worst lower bound {info['lower']:.6g}"))
 
     def compute(self, graph: Graph, norm: str, **options: Any) -> Bound:
         max_entries = int(options.get("max_entries", LOCAL_MAX_ENTRIES))

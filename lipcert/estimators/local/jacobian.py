@@ -114,7 +114,7 @@ def _accumulate(coeffs: dict[int, torch.Tensor], new: dict[int, torch.Tensor]) -
         coeffs[i] = coeffs[i] + t if i in coeffs else t
 
 
-def _crown_max(dag: AffineDag, k: int, sign: float, relaxes: list[Relaxation],
+def crown_max(dag: AffineDag, k: int, sign: float, relaxes: list[Relaxation],
                xl: torch.Tensor, xu: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Upper bound of sign * z_k[rows] over the box, by backward substitution (CROWN)."""
     aff = dag.pre[k - 1]
@@ -173,8 +173,8 @@ def forward_bounds(dag: AffineDag, xl: torch.Tensor, xu: torch.Tensor,
             rows = torch.nonzero(needs_bounds(act, zl, zu).any(0)).reshape(-1)
             if rows.numel():
                 zl, zu = _tighten(zl, zu, rows, (
-                    -_crown_max(dag, k, -1.0, relaxes, xl, xu, rows),
-                    _crown_max(dag, k, 1.0, relaxes, xl, xu, rows)))
+                    -crown_max(dag, k, -1.0, relaxes, xl, xu, rows),
+                    crown_max(dag, k, 1.0, relaxes, xl, xu, rows)))
         # then optimised slopes and split multipliers on the rows CROWN left unsettled; a
         # layer that reads only x has exact intervals unless splits of its own layer cut
         # the box

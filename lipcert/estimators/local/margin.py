@@ -1,0 +1,291 @@
+"""Lower bounds of output functionals over a box: the margin certificate of ``certify``.
+
+A sample with label y keeps its prediction on a box X when every logit difference
+c_j^T f = f_y - f_j stays positive on X. :func:`margin_bounds` bounds min_{x in X} c_j^T f(x)
+from below by the same bound propagation ``local`` runs for its pre-activations: CROWN's
+backward substitution (Zhang et al., NeurIPS 2018, Thm. 3.2) with alpha-optimised lower
+slopes (Xu et al., ICLR 2021, Sec. 3.1), and, given a time budget, best-first
+branch-and-bound on unstable ReLUs whose split constraints enter through beta-CROWN
+multipliers (Wang et al., NeurIPS 2021, Thm. 3.1) and the pre-activation bounds recomputed
+under them (:func:`~.jacobian.forward_bounds`). The neuron to split maximises the BaBSR score
+(Bunel et al., JMLR 2020, Sec. 5.1): the objective's coefficient on the neuron's upper
+relaxation times that relaxation's intercept, i.e. how much of the bound's looseness the
+split removes at first order.
+
+Every bound is valid whenever the search stops: a domain's bound holds on the domain, the
+open and closed domains of a query cover the box, and a query's lower bound is the smallest
+over them. A domain with no unstable neuron left is never closed on an LP's word: the
+search ends there, not proven, and an LP's minimiser is only evaluated to tell whether the
+box holds a counterexample (the reason printed). Projected gradient steps on the margin
+look for a counterexample before branching: one found ends the search (no bound on this
+box can certify the sample).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ...ir.lowering import Affine, AffineDag
+from .bab import Domain, stack_domains
+from .factor import Factor
+from .jacobian import ForwardBounds, crown_max, forward_bounds
+from .optimized import MAGNITUDE_SLACK, optimized_crown
+from .relaxations import BRANCHABLE
+
+#: projected gradient (signed) steps of the counterexample search at the root
+ATTACK_STEPS = 20
+#: alpha/beta steps per bound in split domains. Measured on mnist-net_256x2 at eps 0.03
+#: (bench/certify_bab.py instances 1, 3, 5, 13): 0 steps proved none in 20 s each, 5 steps
+#: proved 3 of them in 0.4-7.4 s (and instance 1 in 39 s), 20 steps only 1 in 20 s
+CHILD_STEPS = 5
+
+
+@dataclass
+class MarginResult:
+    lower: np.ndarray  # (Q,) lower bounds of c_q^T f on the box (rounded down)
+    proven: bool  # every query's lower bound is above the threshold
+    stopped: str
+    domains: int
+    elapsed: float
+    root: np.ndarray  # (Q,) the bounds before any branching
+    counterexample: bool = False  # a point of the box has some c_q^T f <= threshold
+
+
+def objective_dag(dag: AffineDag, c: torch.Tensor) -> AffineDag:
+    """``dag`` with the functionals c (r, n_out) as one more pre-activation layer
+    z_{K+1} = c f (no activation follows it: only backward substitution reads it)."""
+    out = Affine({j: c @ m for j, m in dag.out.maps.items()}, c @ dag.out.bias)
+    return AffineDag([*dag.sizes, c.shape[0]], list(dag.acts), [*dag.pre, out], dag.out,
+                     list(dag.sources))
+
+
+def _rounding_pad(ext: AffineDag, fwd: ForwardBounds, xl: torch.Tensor,
+                  xu: torch.Tensor) -> torch.Tensor:
+    """(D, r) pad for float64 rounding in the backward substitution: MAGNITUDE_SLACK times
+    the magnitude of the objective's terms, |c M_out| max(|bl|, |bu|) + |c b_out| summed
+    over its bases, once per layer the substitution passes through."""
+    top = ext.pre[-1]
+    scale = [torch.maximum(xl.abs(), xu.abs())] + [torch.maximum(r.bl.abs(), r.bu.abs())
+                                                   for r in fwd.relax]
+    mag = top.bias.abs().expand(xl.shape[0], -1).clone()
+    for j, m in top.maps.items():
+        mag = mag + scale[j] @ m.abs().T
+    return MAGNITUDE_SLACK * (1.0 + mag) * (1 + len(ext.pre))
+
+
+def objective_lower(ext: AffineDag, fwd: ForwardBounds, xl: torch.Tensor, xu: torch.Tensor,
+                    splits: list[torch.Tensor] | None, iterations: int,
+                    deadline: float = math.inf) -> torch.Tensor:
+    """(D, r) lower bounds of z_{K+1} = c f of :func:`objective_dag` over the boxes and
+    splits of ``fwd``: CROWN, and with ``iterations`` > 0 the better of it and alpha/beta
+    optimisation; rounded down by :func:`_rounding_pad`."""
+    k = len(ext.pre)
+    rows = torch.arange(ext.sizes[k])
+    low = -crown_max(ext, k, -1.0, fwd.relax, xl, xu, rows)
+    if iterations > 0:
+        padded = None if splits is None else [*splits, torch.zeros(
+            (xl.shape[0], ext.sizes[k]), dtype=torch.int8)]
+        found = optimized_crown(ext, k, fwd.relax, xl, xu, rows, padded, iterations, deadline)
+        if found is not None:
+            low = torch.fmax(low, found[0])  # NaN from one side leaves the other
+    low = low - _rounding_pad(ext, fwd, xl, xu)
+    return torch.where(torch.isnan(low), torch.full_like(low, -math.inf), low)
+
+
+def babsr_scores(ext: AffineDag, fwd: ForwardBounds) -> list[torch.Tensor]:
+    """Per activation, (D, n_k) BaBSR scores for the lower bound of the objective (its one
+    row): p_i u_i where p_i > 0 is the coefficient of B_i's upper relaxation in the bound of
+    -z_{K+1} and u_i that relaxation's intercept; 0 on neurons a split cannot change."""
+    k_top = len(ext.pre)
+    d = fwd.zl[0].shape[0]
+    top = ext.pre[-1]
+    coeffs = {j: -m.expand(d, *m.shape) for j, m in top.maps.items()}
+    scores = [torch.zeros_like(z) for z in fwd.zl]
+    for j in range(k_top - 1, 0, -1):
+        a = coeffs.pop(j, None)
+        if a is None:
+            continue
+        r = fwd.relax[j - 1]
+        pp, pn = a.clamp(min=0), a.clamp(max=0)
+        if isinstance(ext.acts[j - 1], BRANCHABLE):
+            scores[j - 1] = torch.where(r.mixed, (pp[:, 0] * r.iu).clamp(min=0),
+                                        torch.zeros_like(r.iu))
+        w = pp * r.su[:, None, :] + pn * r.sl[:, None, :]
+        pre = ext.pre[j - 1]
+        for i in pre.maps:
+            t = Factor.of(pre, i).right(w)
+            coeffs[i] = coeffs[i] + t if i in coeffs else t
+    return scores
+
+
+def _branches(ext: AffineDag, fwd: ForwardBounds) -> list[tuple[int, int] | None]:
+    """The neuron to split in each domain: the largest BaBSR score, else (every score 0)
+    the unstable branchable neuron with the largest relaxation area; None: a leaf."""
+    scores = babsr_scores(ext, fwd)
+    flat = torch.cat(scores, dim=1)
+    area = torch.cat([torch.where(r.mixed, (-zl * zu / (zu - zl).clamp(min=1e-300)).clamp(min=0)
+                                  + 1e-300, torch.zeros_like(zl))
+                      if isinstance(op, BRANCHABLE) else torch.zeros_like(zl)
+                      for zl, zu, r, op in zip(fwd.zl, fwd.zu, fwd.relax, ext.acts,
+                                               strict=True)], dim=1)
+    flat = torch.where((flat > 0).any(1, keepdim=True), flat, area)
+    best = flat.argmax(dim=1)
+    offsets = np.cumsum([0] + list(ext.sizes[1:len(ext.acts) + 1]))
+    out: list[tuple[int, int] | None] = []
+    for i in range(flat.shape[0]):
+        pos = int(best[i])
+        if not flat[i, pos] > 0:
+            out.append(None)
+            continue
+        act = int(np.searchsorted(offsets, pos, side="right")) - 1
+        out.append((act, pos - int(offsets[act])))
+    return out
+
+
+def find_counterexample(dag: AffineDag, xl: np.ndarray, xu: np.ndarray, c: np.ndarray,
+                        threshold: float, steps: int = ATTACK_STEPS) -> bool:
+    """Projected signed-gradient descent on every c_q^T f from the box's centre (float64):
+    True when a point of the box brings some query to ``threshold`` or below. Only ever
+    used to stop early: a miss proves nothing."""
+    lo = torch.as_tensor(xl, dtype=torch.float64).reshape(1, -1)
+    hi = torch.as_tensor(xu, dtype=torch.float64).reshape(1, -1)
+    ct = torch.as_tensor(c, dtype=torch.float64)
+    x = ((lo + hi) / 2).expand(ct.shape[0], -1).clone()
+    step = (hi - lo) / 4
+    for _ in range(steps + 1):
+        x.requires_grad_(True)
+        _, out = dag.forward(x)
+        values = (out * ct).sum(1)
+        if bool((values <= threshold).any()):
+            return True
+        (grad,) = torch.autograd.grad(values.sum(), x)
+        with torch.no_grad():
+            x = torch.minimum(torch.maximum(x - step * grad.sign(), lo), hi)
+            step = step * 0.8
+    return False
+
+
+class _Search:
+    """Best-first search: the domain with the smallest lower bound first."""
+
+    def __init__(self, dag: AffineDag, xl: torch.Tensor, xu: torch.Tensor, c: torch.Tensor,
+                 threshold: float, iterations: int):
+        self.dag, self.xl, self.xu, self.threshold = dag, xl, xu, threshold
+        self.iterations = iterations
+        self.ext = [objective_dag(dag, c[q:q + 1]) for q in range(c.shape[0])]
+        self.heap: list[tuple[float, int, Domain]] = []
+        self.counter = itertools.count()
+        self.closed = [math.inf] * c.shape[0]  # smallest bound of a proven domain
+        self.visited = c.shape[0]
+
+    def push(self, dom: Domain) -> None:
+        if math.isnan(dom.bound):  # no bound at all (never read as one: min() skips NaN)
+            dom.bound = -math.inf
+        if dom.bound > self.threshold:
+            self.closed[dom.query] = min(self.closed[dom.query], dom.bound)
+        else:
+            heapq.heappush(self.heap, (dom.bound, next(self.counter), dom))
+
+    def lower(self) -> np.ndarray:
+        values = list(self.closed)
+        for _, _, dom in self.heap:
+            values[dom.query] = min(values[dom.query], dom.bound)
+        return np.array(values)
+
+    def expand(self, popped: list[Domain], deadline: float) -> None:
+        """Split each popped domain on its neuron; bound the children, one batch per query."""
+        children: dict[int, list[Domain]] = {}
+        for dom in popped:
+            for child in dom.children():
+                children.setdefault(dom.query, []).append(child)
+        n = self.dag.n_acts
+        for q, group in children.items():
+            d = len(group)
+            splits, prior = stack_domains(group, n)
+            xl, xu = self.xl.expand(d, -1), self.xu.expand(d, -1)
+            fwd = forward_bounds(self.dag, xl, xu, splits, prior, iterations=self.iterations,
+                                 deadline=deadline)
+            lows = objective_lower(self.ext[q], fwd, xl, xu, splits, self.iterations,
+                                   deadline)[:, 0]
+            branches = _branches(self.ext[q], fwd)
+            self.visited += d
+            for i, ch in enumerate(group):
+                if bool(fwd.infeasible[i]):  # split constraints contradict: empty domain
+                    continue
+                # a part's bound never needs to drop below its parent's (lows has no NaN)
+                ch.bound = max(float(lows[i]), ch.bound)
+                ch.zl, ch.zu = [z[i] for z in fwd.zl], [z[i] for z in fwd.zu]
+                ch.branch = branches[i]
+                self.push(ch)
+
+
+def margin_bounds(dag: AffineDag, xl: np.ndarray, xu: np.ndarray, c: np.ndarray, *,
+                  threshold: float = 0.0, time_budget: float = 0.0, iterations: int = 20,
+                  batch: int = 32, max_domains: int = 200_000,
+                  child_iterations: int = CHILD_STEPS,
+                  progress: Callable[[dict], None] | None = None) -> MarginResult:
+    """Lower bounds of min over the box [xl, xu] of c_q^T f for every row c_q (the module
+    doc); the search aims at every bound above ``threshold`` and stops when they all are,
+    when a counterexample or a leaf it cannot close shows they cannot all be, or after
+    ``time_budget`` seconds (0: the root bounds alone) or ``max_domains`` domains.
+    ``iterations``: alpha steps per bound at the root; ``child_iterations``: alpha/beta steps
+    in split domains."""
+    start = time.perf_counter()
+    lo = torch.as_tensor(xl, dtype=torch.float64).reshape(1, -1)
+    hi = torch.as_tensor(xu, dtype=torch.float64).reshape(1, -1)
+    ct = torch.as_tensor(np.atleast_2d(c), dtype=torch.float64)
+    n_q = ct.shape[0]
+    deadline = start + time_budget
+    plain = forward_bounds(dag, lo, hi)
+    fwd = forward_bounds(dag, lo, hi, prior=(plain.zl, plain.zu), iterations=iterations) \
+        if iterations > 0 else plain
+    root = objective_lower(objective_dag(dag, ct), fwd, lo, hi, None, iterations)[0]
+    root = torch.where(fwd.infeasible[0], torch.full_like(root, math.inf), root)
+    search = _Search(dag, lo, hi, ct, threshold, child_iterations)
+    sizes = dag.sizes[1:]
+    for q in range(n_q):
+        branch = _branches(search.ext[q], fwd)[0]
+        search.push(Domain(q, [torch.zeros(n, dtype=torch.int8) for n in sizes],
+                            [z[0] for z in fwd.zl], [z[0] for z in fwd.zu], float(root[q]),
+                            branch))
+    root_np = root.numpy().copy()
+
+    def result(stopped: str, counterexample: bool = False) -> MarginResult:
+        lower = search.lower()
+        return MarginResult(lower, bool(np.all(lower > threshold)), stopped, search.visited,
+                            time.perf_counter() - start, root_np, counterexample)
+
+    if not search.heap:
+        return result("proven at the root")
+    if not time_budget > 0:
+        return result("root bounds only (no branching)")
+    if find_counterexample(dag, xl, xu, ct.numpy(), threshold):
+        return result("counterexample found (projected gradient)", True)
+    last = start
+    while search.heap:
+        now = time.perf_counter()
+        if now > deadline:
+            return result("time budget")
+        if search.visited >= max_domains:
+            return result("domain limit")
+        if progress and now - last > 0.5:
+            last = now
+            progress({"elapsed": now - start, "domains": search.visited,
+                      "open": len(search.heap), "lower": float(search.heap[0][0])})
+        popped = []
+        while search.heap and len(popped) < batch:
+            dom = heapq.heappop(search.heap)[2]
+            if dom.branch is None:  # nothing left to split and still not proven
+                search.push(dom)  # keep its bound in the result
+                return result("a domain without unstable neurons is not proven")
+            popped.append(dom)
+        search.expand(popped, deadline)
+    return result("proven")
