@@ -18,7 +18,10 @@ and certify by the integral form of the mean-value argument (:func:`shell_radius
 the segment from x0 to x, ||x - x0|| = r, the point at distance s lies in the box of radius
 s, so |m(x) - m(x0)| <= int_0^r L(s) ds with L(s) the bound on the smallest shell holding
 radius s. The gradient near x0 is usually much smaller than on the whole box, so the
-radius grows (K = 1 is the plain margin / L).
+radius grows (K = 1 is the plain margin / L). A method that also bounds values
+(``bounds_margins``: ``local``) gives a second certificate on the same boxes: a lower bound
+F > 0 of a margin on the box of radius s holds every point within s, and the integral starts
+again from s with margin F (:func:`shell_radius`; :mod:`lipcert.estimators.local.margin`).
 
 One loop serves every method (:func:`certify`): a global method bounds each pair's logit
 difference once (:func:`pairwise_lipschitz`), a box-scoped one (``local``) bounds all of a
@@ -783,17 +786,14 @@ def _shell_bounds(graph: Graph, method: str, norm: str, x: np.ndarray, eps: floa
     if np.all(eps * outer < margins):  # NaN fails
         return done()  # certified by the eps box alone: the radius is eps
     if margin_bounds:
+        # with a budget the search stops at once where the root bounds already certify
         floors[-1] = _margin_floors(graph, method, x, eps, label, others, n_classes,
-                                       options, slack, 0.0)
-        if not np.all(floors[-1] > 0) and budget > 0:
-            refined = _margin_floors(graph, method, x, eps, label, others, n_classes,
-                                        options, slack, budget)
-            floors[-1] = np.maximum(floors[-1], refined)
+                                    options, slack, budget)
         if np.all(floors[-1] > 0):
             return done()
         for k, r in enumerate(radii[:-1]):
             floors[k] = _margin_floors(graph, method, x, r, label, others, n_classes,
-                                          options, slack, 0.0)
+                                       options, slack, 0.0)
     lips = np.stack([_box_bounds(graph, method, norm, x, r, label, others, n_classes,
                                  root_options) for r in radii[:-1]] + [outer])
     if not budget > 0:

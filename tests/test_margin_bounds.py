@@ -156,3 +156,25 @@ def test_cli_flag_config_and_checkpoint(tmp_path):
     again = runner.invoke(cli, [*base, "--no-margin-bounds", "--checkpoint", str(ckpt),
                                 "--resume"])
     assert again.exit_code == 2 and "margin_bounds" in again.output
+
+
+def test_a_leaf_ends_the_search_with_every_domain_still_counted():
+    import torch
+
+    from lipcert.estimators.local.bab import Domain
+    from lipcert.estimators.local.margin import _Search
+
+    weights, biases, graph = _random_net(0, [2])
+    dag = build_affine_dag(graph, "local")
+    box = torch.zeros(1, 3, dtype=torch.float64), torch.ones(1, 3, dtype=torch.float64)
+    search = _Search(dag, *box, torch.eye(3, dtype=torch.float64)[:2], threshold=0.0,
+                     iterations=0)
+    zeros = [torch.zeros(2, dtype=torch.int8)]
+    bounds = [torch.zeros(2)]
+    # query 0: a splittable domain with the smallest bound; query 1: a leaf, not proven
+    search.push(Domain(0, zeros, bounds, bounds, -2.0, (0, 0)))
+    search.push(Domain(1, zeros, bounds, bounds, -1.0, None))
+    assert search.pop_batch(8) is None
+    # both domains are still in the search: query 0 keeps its bound (not +inf, which would
+    # read as proven)
+    assert list(search.lower()) == [-2.0, -1.0]

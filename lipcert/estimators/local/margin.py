@@ -14,11 +14,11 @@ split removes at first order.
 
 Every bound is valid whenever the search stops: a domain's bound holds on the domain, the
 open and closed domains of a query cover the box, and a query's lower bound is the smallest
-over them. A domain with no unstable neuron left is never closed on an LP's word: the
-search ends there, not proven, and an LP's minimiser is only evaluated to tell whether the
-box holds a counterexample (the reason printed). Projected gradient steps on the margin
-look for a counterexample before branching: one found ends the search (no bound on this
-box can certify the sample).
+over them (domains taken out to be split stay counted until their children are in). A
+domain with no unstable neuron left ends the search, not proven: its bound is not tightened
+further (an LP's optimum over its pattern would be a solver's word, not a proof).
+Projected gradient steps on the margin look for a counterexample before branching: one
+found ends the search (no bound on this box can certify the sample).
 """
 
 from __future__ import annotations
@@ -200,6 +200,20 @@ class _Search:
             values[dom.query] = min(values[dom.query], dom.bound)
         return np.array(values)
 
+    def pop_batch(self, batch: int) -> list[Domain] | None:
+        """Up to ``batch`` domains with the smallest bounds, taken out of the search; None
+        when one of them has nothing left to split (and is not proven): then every domain
+        stays in the search, so that the result's bounds still cover the whole box."""
+        popped: list[Domain] = []
+        while self.heap and len(popped) < batch:
+            dom = heapq.heappop(self.heap)[2]
+            if dom.branch is None:
+                for kept in (*popped, dom):
+                    self.push(kept)
+                return None
+            popped.append(dom)
+        return popped
+
     def expand(self, popped: list[Domain], deadline: float) -> None:
         """Split each popped domain on its neuron; bound the children, one batch per query."""
         children: dict[int, list[Domain]] = {}
@@ -248,7 +262,6 @@ def margin_bounds(dag: AffineDag, xl: np.ndarray, xu: np.ndarray, c: np.ndarray,
     fwd = forward_bounds(dag, lo, hi, prior=(plain.zl, plain.zu), iterations=iterations) \
         if iterations > 0 else plain
     root = objective_lower(objective_dag(dag, ct), fwd, lo, hi, None, iterations)[0]
-    root = torch.where(fwd.infeasible[0], torch.full_like(root, math.inf), root)
     search = _Search(dag, lo, hi, ct, threshold, child_iterations)
     sizes = dag.sizes[1:]
     for q in range(n_q):
@@ -280,12 +293,8 @@ def margin_bounds(dag: AffineDag, xl: np.ndarray, xu: np.ndarray, c: np.ndarray,
             last = now
             progress({"elapsed": now - start, "domains": search.visited,
                       "open": len(search.heap), "lower": float(search.heap[0][0])})
-        popped = []
-        while search.heap and len(popped) < batch:
-            dom = heapq.heappop(search.heap)[2]
-            if dom.branch is None:  # nothing left to split and still not proven
-                search.push(dom)  # keep its bound in the result
-                return result("a domain without unstable neurons is not proven")
-            popped.append(dom)
+        popped = search.pop_batch(batch)
+        if popped is None:
+            return result("a domain without unstable neurons is not proven")
         search.expand(popped, deadline)
     return result("proven")
