@@ -323,10 +323,9 @@ def certify(model, data, labels, eps, norm, method, gate, report_eps, json_out, 
     ray_address = ray_address or cfg.get("ray")
     pair_bounds = pair_bounds or cfg.get("pair_bounds", "each")
     shells = shells if shells is not None else cfg.get("shells")
+    # a config value is a bool already (config.CERTIFY_KEYS)
     margin_bounds = margin_bounds if margin_bounds is not None else cfg.get("margin_bounds",
                                                                              True)
-    if not isinstance(margin_bounds, bool):
-        raise InputError(f"margin_bounds {margin_bounds!r} in --config: give true or false")
     if resume and not checkpoint:
         raise InputError("--resume needs --checkpoint FILE (the run to continue)")
     if checkpoint:
