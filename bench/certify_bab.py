@@ -14,7 +14,7 @@ benchmarks/mnistfc folder), found at $VNNCOMP2021 or ../.mirror/stanleybak+vnnco
 (a bare git directory, read with git show); skipped when absent.
 
     python bench/certify_bab.py [--net mnist-net_256x2] [--eps 0.03] [--budgets 0,60]
-                                [--samples 15] [--shells 1,8]
+                                [--samples 15] [--shells 8] [--margin off,on]
 
 ``--shells``: nested boxes per sample (certify's integral certificate; 1 = the eps box
 alone, the certificate before shells); every budget runs with each. ``--margin on,off``:
