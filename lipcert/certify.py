@@ -791,11 +791,13 @@ def _shell_bounds(graph: Graph, method: str, norm: str, x: np.ndarray, eps: floa
                                     options, slack, budget)
         if np.all(floors[-1] > 0):
             return done()
-        for k, r in enumerate(radii[:-1]):
+    lips = np.tile(outer, (shells, 1))
+    for k, r in enumerate(radii[:-1]):  # one box at a time: its forward bounds serve both
+        lips[k] = _box_bounds(graph, method, norm, x, r, label, others, n_classes,
+                              root_options)
+        if margin_bounds:
             floors[k] = _margin_floors(graph, method, x, r, label, others, n_classes,
                                        options, slack, 0.0)
-    lips = np.stack([_box_bounds(graph, method, norm, x, r, label, others, n_classes,
-                                 root_options) for r in radii[:-1]] + [outer])
     if not budget > 0:
         return lips, floors
     widths = np.diff([0.0] + radii)[:, None]

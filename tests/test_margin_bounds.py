@@ -178,3 +178,23 @@ def test_a_leaf_ends_the_search_with_every_domain_still_counted():
     # both domains are still in the search: query 0 keeps its bound (not +inf, which would
     # read as proven)
     assert list(search.lower()) == [-2.0, -1.0]
+
+
+def test_root_forward_bounds_are_shared_only_for_the_same_box():
+    import torch
+
+    from lipcert.estimators.local.jacobian import forward_bounds, root_forward_bounds
+
+    _, _, graph = _random_net(3, [6, 6])
+    dag = build_affine_dag(graph, "local")
+    lo, hi = torch.zeros(1, 3, dtype=torch.float64), torch.full((1, 3), 0.5, dtype=torch.float64)
+    first = root_forward_bounds(dag, lo, hi, 5)
+    assert root_forward_bounds(dag, lo.clone(), hi.clone(), 5) is first  # same box: shared
+    assert root_forward_bounds(dag, lo, hi, 0) is not first  # other steps: computed anew
+    wider = root_forward_bounds(dag, lo, hi * 2, 5)
+    assert wider is not first
+    fresh = forward_bounds(dag, lo, hi * 2)
+    for a, b in zip(wider.zl, fresh.zl, strict=True):
+        assert torch.all(a >= b - 1e-12)  # the optimised pass never loosens plain CROWN
+    # a deadline (a budgeted run) is never served from, or put into, the cache
+    assert root_forward_bounds(dag, lo, hi, 5, deadline=1e300) is not first

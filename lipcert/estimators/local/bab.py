@@ -35,7 +35,7 @@ import torch
 from ...errors import InternalCheckFailed
 from ...ir import ops as O
 from ...ir.lowering import AffineDag
-from .jacobian import ForwardBounds, forward_bounds, jacobian_bound
+from .jacobian import ForwardBounds, forward_bounds, jacobian_bound, root_forward_bounds
 
 #: split domains get optimised bounds (alpha/beta) when a batch costs at most this many times
 #: a batch with plain CROWN, measured on the first split; beyond it branching goes further
@@ -118,15 +118,7 @@ class LocalProblem:
         d = len(queries)
         steps = self.iterations if iterations is None else iterations
         if splits is None and prior is None:  # the root: one box for every query
-            start = None
-            if steps > 0:
-                # plain CROWN first, as the prior of the optimised pass: CROWN's own slope
-                # choice is not monotone in the bounds before it, so optimised earlier
-                # layers alone could loosen a later one; the intersection never does
-                plain = forward_bounds(self.dag, self.xl, self.xu)
-                start = (plain.zl, plain.zu)
-            fwd = forward_bounds(self.dag, self.xl, self.xu, prior=start, iterations=steps,
-                                 deadline=deadline).expand(d)
+            fwd = root_forward_bounds(self.dag, self.xl, self.xu, steps, deadline).expand(d)
         else:
             fwd = forward_bounds(self.dag, self.xl.expand(d, -1), self.xu.expand(d, -1),
                                  splits, prior, iterations=steps, deadline=deadline)

@@ -204,6 +204,34 @@ def forward_bounds(dag: AffineDag, xl: torch.Tensor, xu: torch.Tensor,
     return ForwardBounds(zls, zus, relaxes, infeasible)
 
 
+#: root forward bounds of the last few boxes (certification bounds the gradient and then
+#: the margins of the same box)
+_ROOT_CACHE: list[tuple[weakref.ref, tuple, ForwardBounds]] = []
+
+
+def root_forward_bounds(dag: AffineDag, xl: torch.Tensor, xu: torch.Tensor,
+                        iterations: int, deadline: float = math.inf) -> ForwardBounds:
+    """Forward bounds of one box (D = 1) without splits: plain CROWN, then with
+    ``iterations`` > 0 optimised with the plain bounds as the prior (CROWN's own slope
+    choice is not monotone in the bounds before it, so optimised earlier layers alone could
+    loosen a later one; the intersection never does). Without a deadline the result is
+    remembered for the last few boxes (it is a function of the DAG, box and steps alone)."""
+    key = (iterations, xl.numpy().tobytes(), xu.numpy().tobytes())
+    cacheable = deadline == math.inf
+    if cacheable:
+        for ref, k, fwd in _ROOT_CACHE:
+            if ref() is dag and k == key:
+                return fwd
+    fwd = forward_bounds(dag, xl, xu)
+    if iterations > 0:
+        fwd = forward_bounds(dag, xl, xu, prior=(fwd.zl, fwd.zu), iterations=iterations,
+                             deadline=deadline)
+    if cacheable:
+        _ROOT_CACHE.insert(0, (weakref.ref(dag), key, fwd))
+        del _ROOT_CACHE[4:]
+    return fwd
+
+
 @dataclass
 class JacobianBound:
     upper: torch.Tensor  # (D,) bound on max ||grad c^T f||_1 over the box

@@ -36,7 +36,7 @@ import torch
 from ...ir.lowering import Affine, AffineDag
 from .bab import Domain, stack_domains
 from .factor import Factor
-from .jacobian import ForwardBounds, crown_max, forward_bounds
+from .jacobian import ForwardBounds, crown_max, forward_bounds, root_forward_bounds
 from .optimized import MAGNITUDE_SLACK, optimized_crown
 from .relaxations import BRANCHABLE
 
@@ -258,9 +258,7 @@ def margin_bounds(dag: AffineDag, xl: np.ndarray, xu: np.ndarray, c: np.ndarray,
     ct = torch.as_tensor(np.atleast_2d(c), dtype=torch.float64)
     n_q = ct.shape[0]
     deadline = start + time_budget
-    plain = forward_bounds(dag, lo, hi)
-    fwd = forward_bounds(dag, lo, hi, prior=(plain.zl, plain.zu), iterations=iterations) \
-        if iterations > 0 else plain
+    fwd = root_forward_bounds(dag, lo, hi, iterations)
     root = objective_lower(objective_dag(dag, ct), fwd, lo, hi, None, iterations)[0]
     search = _Search(dag, lo, hi, ct, threshold, child_iterations)
     sizes = dag.sizes[1:]
