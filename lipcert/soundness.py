@@ -51,6 +51,12 @@ def inject_nan(*sites: str) -> Iterator[None]:
         _ACTIVE.update(before)
 
 
+def injections() -> frozenset[str]:
+    """The sites :func:`inject_nan` poisons now (part of the key of every cache of
+    computed bounds, so that a poisoned run never reuses a clean one's values)."""
+    return frozenset(_ACTIVE)
+
+
 def poison(site: str, value: Any) -> Any:
     """``value`` unchanged, or with a NaN written into it while :func:`inject_nan` names
     ``site`` (floats, numpy arrays and torch tensors)."""

@@ -37,7 +37,7 @@ import torch
 
 from ...ir import ops as O
 from ...ir.lowering import Affine, AffineDag
-from ...soundness import checked_array, poison
+from ...soundness import checked_array, injections, poison
 from .factor import Factor
 from .optimized import optimized_crown
 from .relaxations import SLACK, Relaxation, needs_bounds, relax, widen
@@ -216,7 +216,7 @@ def root_forward_bounds(dag: AffineDag, xl: torch.Tensor, xu: torch.Tensor,
     choice is not monotone in the bounds before it, so optimised earlier layers alone could
     loosen a later one; the intersection never does). Without a deadline the result is
     remembered for the last few boxes (it is a function of the DAG, box and steps alone)."""
-    key = (iterations, xl.numpy().tobytes(), xu.numpy().tobytes())
+    key = (iterations, xl.numpy().tobytes(), xu.numpy().tobytes(), injections())
     cacheable = deadline == math.inf
     if cacheable:
         for ref, k, fwd in _ROOT_CACHE:
