@@ -293,6 +293,6 @@ def margin_bounds(dag: AffineDag, xl: np.ndarray, xu: np.ndarray, c: np.ndarray,
                       "open": len(search.heap), "lower": float(search.heap[0][0])})
         popped = search.pop_batch(batch)
         if popped is None:
-            return result("a domain without unstable neurons is not proven")
+            return result("a domain with nothing left to split (no unstable ReLU) is not proven")
         search.expand(popped, deadline)
     return result("proven")
