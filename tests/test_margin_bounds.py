@@ -198,3 +198,19 @@ def test_root_forward_bounds_are_shared_only_for_the_same_box():
         assert torch.all(a >= b - 1e-12)  # the optimised pass never loosens plain CROWN
     # a deadline (a budgeted run) is never served from, or put into, the cache
     assert root_forward_bounds(dag, lo, hi, 5, deadline=1e300) is not first
+
+
+def test_margin_bounds_in_l2_only_grow_radii():
+    # l2 radii use the same floors (the linf box of radius s holds the l2 ball of radius s);
+    # on this net they raise no l2 radius (the box is far larger than the ball): this checks
+    # that the combined certificate runs in l2 and that its certified samples are attacked
+    import lipcert
+
+    data = np.load(MODELS / "digits_test.npz")
+    graph = lipcert.load(MODELS / "digits_mlp.onnx")
+    x, y = data["x"][:6], data["y"][:6]
+    options = {"domain": (0.0, 1.0)}
+    runs = [C.certify(graph, x, y, eps=0.3, method="local", norm="2", options=options,
+                      shells=2, margin_bounds=m) for m in (False, True)]
+    assert np.all(runs[1].radii >= runs[0].radii)
+    assert runs[1].details["attack_check"]["attacked"] == int(runs[1].certified(0.0).sum())
