@@ -115,8 +115,11 @@ def _accumulate(coeffs: dict[int, torch.Tensor], new: dict[int, torch.Tensor]) -
 
 
 def crown_max(dag: AffineDag, k: int, sign: float, relaxes: list[Relaxation],
-               xl: torch.Tensor, xu: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Upper bound of sign * z_k[rows] over the box, by backward substitution (CROWN)."""
+               xl: torch.Tensor, xu: torch.Tensor, rows: torch.Tensor,
+               record: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """Upper bound of sign * z_k[rows] over the box, by backward substitution (CROWN).
+    ``record``: filled with the coefficients on each activation's output B_j that the pass
+    met, (r, n_j) or (D, r, n_j)."""
     aff = dag.pre[k - 1]
     coeffs: dict[int, torch.Tensor] = {j: sign * m[rows] for j, m in aff.maps.items()}
     const = (sign * aff.bias[rows]).expand(xl.shape[0], -1)
@@ -124,6 +127,8 @@ def crown_max(dag: AffineDag, k: int, sign: float, relaxes: list[Relaxation],
         a = coeffs.pop(j, None)
         if a is None:
             continue
+        if record is not None:
+            record[j] = a
         r, pre = relaxes[j - 1], dag.pre[j - 1]
         step, new = substitute(a, (r.sl, r.il), (r.su, r.iu), pre.bias,
                                {i: Factor.of(pre, i) for i in pre.maps})

@@ -35,7 +35,6 @@ import torch
 
 from ...ir.lowering import Affine, AffineDag
 from .bab import Domain, stack_domains
-from .factor import Factor
 from .jacobian import ForwardBounds, crown_max, forward_bounds, root_forward_bounds
 from .optimized import MAGNITUDE_SLACK, optimized_crown
 from .relaxations import BRANCHABLE
@@ -83,13 +82,15 @@ def _rounding_pad(ext: AffineDag, fwd: ForwardBounds, xl: torch.Tensor,
 
 def objective_lower(ext: AffineDag, fwd: ForwardBounds, xl: torch.Tensor, xu: torch.Tensor,
                     splits: list[torch.Tensor] | None, iterations: int,
-                    deadline: float = math.inf) -> torch.Tensor:
+                    deadline: float = math.inf,
+                    record: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """(D, r) lower bounds of z_{K+1} = c f of :func:`objective_dag` over the boxes and
     splits of ``fwd``: CROWN, and with ``iterations`` > 0 the better of it and alpha/beta
-    optimisation; rounded down by :func:`_rounding_pad`."""
+    optimisation; rounded down by :func:`_rounding_pad`. ``record``: CROWN's coefficients
+    (:func:`~.jacobian.crown_max`), which :func:`_branches` scores."""
     k = len(ext.pre)
     rows = torch.arange(ext.sizes[k])
-    low = -crown_max(ext, k, -1.0, fwd.relax, xl, xu, rows)
+    low = -crown_max(ext, k, -1.0, fwd.relax, xl, xu, rows, record)
     if iterations > 0:
         padded = None if splits is None else [*splits, torch.zeros(
             (xl.shape[0], ext.sizes[k]), dtype=torch.int8)]
@@ -100,47 +101,31 @@ def objective_lower(ext: AffineDag, fwd: ForwardBounds, xl: torch.Tensor, xu: to
     return torch.where(torch.isnan(low), torch.full_like(low, -math.inf), low)
 
 
-def babsr_scores(ext: AffineDag, fwd: ForwardBounds) -> list[torch.Tensor]:
-    """Per activation, (D, n_k) BaBSR scores for the lower bound of the objective (its one
-    row): p_i u_i where p_i > 0 is the coefficient of B_i's upper relaxation in the bound of
-    -z_{K+1} and u_i that relaxation's intercept; 0 on neurons a split cannot change."""
-    k_top = len(ext.pre)
+def _branches(acts: list, fwd: ForwardBounds, coeffs: dict[int, torch.Tensor],
+              row: int) -> list[tuple[int, int] | None]:
+    """The neuron to split in each domain for objective row ``row``: the largest BaBSR
+    score p_i u_i, where p_i > 0 is the coefficient of B_i's upper relaxation in CROWN's
+    bound of -z_{K+1} (``coeffs``, recorded by :func:`objective_lower`) and u_i that
+    relaxation's intercept; else (every score 0) the unstable branchable neuron with the
+    largest relaxation area; None: a leaf."""
     d = fwd.zl[0].shape[0]
-    top = ext.pre[-1]
-    coeffs = {j: -m.expand(d, *m.shape) for j, m in top.maps.items()}
-    scores = [torch.zeros_like(z) for z in fwd.zl]
-    for j in range(k_top - 1, 0, -1):
-        a = coeffs.pop(j, None)
-        if a is None:
-            continue
-        r = fwd.relax[j - 1]
-        pp, pn = a.clamp(min=0), a.clamp(max=0)
-        if isinstance(ext.acts[j - 1], BRANCHABLE):
-            scores[j - 1] = torch.where(r.mixed, (pp[:, 0] * r.iu).clamp(min=0),
-                                        torch.zeros_like(r.iu))
-        w = pp * r.su[:, None, :] + pn * r.sl[:, None, :]
-        pre = ext.pre[j - 1]
-        for i in pre.maps:
-            t = Factor.of(pre, i).right(w)
-            coeffs[i] = coeffs[i] + t if i in coeffs else t
-    return scores
-
-
-def _branches(ext: AffineDag, fwd: ForwardBounds) -> list[tuple[int, int] | None]:
-    """The neuron to split in each domain: the largest BaBSR score, else (every score 0)
-    the unstable branchable neuron with the largest relaxation area; None: a leaf."""
-    scores = babsr_scores(ext, fwd)
-    flat = torch.cat(scores, dim=1)
-    area = torch.cat([torch.where(r.mixed, (-zl * zu / (zu - zl).clamp(min=1e-300)).clamp(min=0)
-                                  + 1e-300, torch.zeros_like(zl))
-                      if isinstance(op, BRANCHABLE) else torch.zeros_like(zl)
-                      for zl, zu, r, op in zip(fwd.zl, fwd.zu, fwd.relax, ext.acts,
-                                               strict=True)], dim=1)
+    scores, areas = [], []
+    for j, (zl, zu, r, op) in enumerate(zip(fwd.zl, fwd.zu, fwd.relax, acts, strict=True), 1):
+        branchable = r.mixed if isinstance(op, BRANCHABLE) else torch.zeros_like(r.mixed)
+        a = coeffs.get(j)
+        score = torch.zeros_like(zl)
+        if a is not None:
+            pp = a[..., row, :].clamp(min=0).expand(d, -1)
+            score = torch.where(branchable, (pp * r.iu).clamp(min=0), score)
+        scores.append(score)
+        areas.append(torch.where(branchable, (-zl * zu / (zu - zl).clamp(min=1e-300))
+                                 .clamp(min=0) + 1e-300, torch.zeros_like(zl)))
+    flat, area = torch.cat(scores, dim=1), torch.cat(areas, dim=1)
     flat = torch.where((flat > 0).any(1, keepdim=True), flat, area)
     best = flat.argmax(dim=1)
-    offsets = np.cumsum([0] + list(ext.sizes[1:len(ext.acts) + 1]))
+    offsets = np.cumsum([0] + [z.shape[1] for z in fwd.zl])
     out: list[tuple[int, int] | None] = []
-    for i in range(flat.shape[0]):
+    for i in range(d):
         pos = int(best[i])
         if not flat[i, pos] > 0:
             out.append(None)
@@ -227,9 +212,10 @@ class _Search:
             xl, xu = self.xl.expand(d, -1), self.xu.expand(d, -1)
             fwd = forward_bounds(self.dag, xl, xu, splits, prior, iterations=self.iterations,
                                  deadline=deadline)
+            coeffs: dict[int, torch.Tensor] = {}
             lows = objective_lower(self.ext[q], fwd, xl, xu, splits, self.iterations,
-                                   deadline)[:, 0]
-            branches = _branches(self.ext[q], fwd)
+                                   deadline, coeffs)[:, 0]
+            branches = _branches(self.dag.acts, fwd, coeffs, 0)
             self.visited += d
             for i, ch in enumerate(group):
                 if bool(fwd.infeasible[i]):  # split constraints contradict: empty domain
@@ -259,11 +245,13 @@ def margin_bounds(dag: AffineDag, xl: np.ndarray, xu: np.ndarray, c: np.ndarray,
     n_q = ct.shape[0]
     deadline = start + time_budget
     fwd = root_forward_bounds(dag, lo, hi, iterations)
-    root = objective_lower(objective_dag(dag, ct), fwd, lo, hi, None, iterations)[0]
+    coeffs: dict[int, torch.Tensor] = {}
+    root = objective_lower(objective_dag(dag, ct), fwd, lo, hi, None, iterations,
+                           record=coeffs)[0]
     search = _Search(dag, lo, hi, ct, threshold, child_iterations)
     sizes = dag.sizes[1:]
     for q in range(n_q):
-        branch = _branches(search.ext[q], fwd)[0]
+        branch = _branches(dag.acts, fwd, coeffs, q)[0]
         search.push(Domain(q, [torch.zeros(n, dtype=torch.int8) for n in sizes],
                             [z[0] for z in fwd.zl], [z[0] for z in fwd.zu], float(root[q]),
                             branch))
