@@ -39,14 +39,15 @@ from ..common import norms as N
 from ..common.rounding import mul_up
 from ..naive import MULTI, UNARY, propagate
 from ..settings import setting
+from . import exact_banded
 from .core import SPECTRAL, conv_circular_bound, dense_gram_bound
-from .exact_conv import estimated_norm, exact_conv_norm, fits
 from .semi_circular import plan, semi_circular_norm
 
 UNROLL_MIN_SIDE = 1024
 UNROLL_MAX_ENTRIES = 4_000_000
-#: a Cholesky factorisation of this side costs ~1 s on a 2-core CPU (8192: ~5 s)
-EXACT_MAX_SIDE = 4096
+#: multiply-adds of the exact candidate's banded factorisation: 3e11 (a 256-channel 3x3
+#: conv at 8x8) took 8 s on a 2-core CPU, 1.2e11 (512 channels at 4x4) 5 s
+EXACT_MAX_COST = 4e11
 #: a semi-circular candidate (exact along one axis) when its smaller side is at most this
 SEMI_MAX_SIDE = 4096
 #: the tighter candidates are tried only when the circular one is above the operator's
@@ -83,10 +84,13 @@ def _unrolled_norm(op: O.Op, in_shape: tuple[int, ...], out_shape: tuple[int, ..
 
 def _conv_candidates(op: O.Conv, in_shape, out_shape, options) -> dict[str, float]:
     """The circular candidate; where the operator's estimated norm is more than
-    ``tighten_above`` below it, the exact candidate if it fits, else the semi-circular one.
-    The size-independent bounds of naive (reshaped kernel, sum of taps) are never below the
-    circular one (each DFT block is a phase-weighted sum of the taps), so they are not
-    computed. A 1x1 conv gets its channel matrix's norm."""
+    ``tighten_above`` below it, the tighter ones, cheapest first: the semi-circular
+    candidate when its own estimate shows it within ``tighten_above`` of the operator's,
+    else (or when it is not within that once certified) the exact one if its factorisation
+    costs at most ``exact_max_cost``; the semi-circular one after all when the exact one
+    does not fit. The size-independent bounds of naive (reshaped kernel, sum of taps) are
+    never below the circular one (each DFT block is a phase-weighted sum of the taps), so
+    they are not computed. A 1x1 conv gets its channel matrix's norm."""
     if op.weight.shape[2:] == (1, 1):
         per = op.weight.shape[0] // op.groups
         return {"1x1": max(N.spectral_norm(op.weight[g * per:(g + 1) * per, :, 0, 0])
@@ -94,10 +98,12 @@ def _conv_candidates(op: O.Conv, in_shape, out_shape, options) -> dict[str, floa
     name, circular = _circular(op.weight, in_shape[2:], op.stride, op.pads, op.dilation,
                                op.groups, options)
     cands = {name: circular}
-    max_side = int(options.get("exact_max_side", EXACT_MAX_SIDE))
+    max_cost = float(options.get("exact_max_cost", EXACT_MAX_COST))
     semi_side = int(options.get("semi_max_side", SEMI_MAX_SIDE))
-    exact_fits = fits(op.weight.shape, in_shape[2:], out_shape[2:], op.groups, max_side)
-    semi_plan = plan(op.weight.shape, in_shape[2:], op.stride, op.pads, op.dilation, op.groups)
+    geometry = (in_shape[2:], op.stride, op.pads, op.dilation, op.groups)
+    exact_plan = exact_banded.plan(op.weight.shape, *geometry)
+    exact_fits = exact_plan is not None and exact_plan["cost"] <= max_cost
+    semi_plan = plan(op.weight.shape, *geometry)
     semi_fits = semi_plan is not None and semi_plan["side"] <= semi_side
     if not (exact_fits or semi_fits):
         return cands
@@ -105,24 +111,34 @@ def _conv_candidates(op: O.Conv, in_shape, out_shape, options) -> dict[str, floa
     # circular bound has room to tighten; each tighter candidate's own estimate checks again
     # before its factorisations
     gain = float(options.get("tighten_above", TIGHTEN_ABOVE))
-    estimate = estimated_norm(op.weight, in_shape[2:], op.stride, op.pads, op.dilation,
-                              op.groups, tol=GATE_TOL)
-    if not circular > estimate * (1.0 + gain):
+    estimate = exact_banded.estimated_norm(op.weight, *geometry, tol=GATE_TOL)
+    target = estimate * (1.0 + gain)
+    if not circular > target:
         return cands
-    if exact_fits:
-        exact = exact_conv_norm(op.weight, in_shape[2:], out_shape[2:], op.stride, op.pads,
-                                op.dilation, op.groups, max_side,
-                                unless_within=circular / (1.0 + gain))
-        if exact is not None:
-            cands["exact"] = exact
-            return cands
+    device = options.get("device", "cpu")
     if semi_fits:
-        semi = semi_circular_norm(op.weight, in_shape[2:], op.stride, op.pads, op.dilation,
-                                  op.groups, semi_side,
-                                  unless_within=circular / (1.0 + SEMI_GAIN),
-                                  device=options.get("device", "cpu"))
+        # with the exact candidate in reach, semi is worth its factorisations only when its
+        # own estimate is within the target
+        within = min(circular / (1.0 + SEMI_GAIN), target) if exact_fits else \
+            circular / (1.0 + SEMI_GAIN)
+        semi = semi_circular_norm(op.weight, *geometry, semi_side, unless_within=within,
+                                  device=device)
         if semi is not None:
             cands["semi"] = semi
+            if semi <= target:
+                return cands
+    if exact_fits:
+        exact = exact_banded.exact_banded_norm(op.weight, *geometry, max_cost,
+                                               unless_within=min(cands.values()) /
+                                               (1.0 + SEMI_GAIN))
+        if exact is not None:
+            cands["exact"] = exact
+        elif semi_fits and "semi" not in cands:  # the certificate failed: semi after all
+            semi = semi_circular_norm(op.weight, *geometry, semi_side,
+                                      unless_within=circular / (1.0 + SEMI_GAIN),
+                                      device=device)
+            if semi is not None:
+                cands["semi"] = semi
     return cands
 
 
@@ -263,11 +279,11 @@ class GramSettings:
                                     "(Gram iteration)", choices=SPECTRAL)
     iterations: int = setting(10, "Gram iterations per frequency block with spectral=gram "
                                   "(the bound decreases with each)", minimum=1)
-    exact_max_side: int = setting(EXACT_MAX_SIDE, "certified norm of the conv operator itself "
-                                                  "(Cholesky of its Gram matrix) when its "
-                                                  "smaller side is at most this", minimum=0)
-    semi_max_side: int = setting(SEMI_MAX_SIDE, "where the exact candidate does not fit: "
-                                                "the circular embedding of one axis only "
+    exact_max_cost: float = setting(EXACT_MAX_COST, "certified norm of the conv operator "
+                                                    "itself (banded Cholesky of its Gram "
+                                                    "matrix) when that costs at most this "
+                                                    "many multiply-adds", minimum=0.0)
+    semi_max_side: int = setting(SEMI_MAX_SIDE, "the circular embedding of one axis only "
                                                 "(exact along the other), when its smaller "
                                                 "side is at most this", minimum=0)
     tighten_above: float = setting(TIGHTEN_ABOVE, "try the exact and semi candidates only "

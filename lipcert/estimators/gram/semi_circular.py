@@ -117,30 +117,32 @@ def _pairs(reads, side: str) -> list[tuple[int, int, int, int]]:
     return out
 
 
-def _banded_gram(taps: torch.Tensor, pairs, n_pos: int, side: str):
-    """The Gram matrices H(v) as block-tridiagonal lists (diagonal blocks, sub-diagonal
-    blocks), each (blocks, beta C, beta C) for super-blocks of beta positions; beta."""
+def _banded_gram(taps: torch.Tensor, pairs, n_pos: int, side: str, product=None):
+    """The Gram matrices H(v) in banded form: ``bands[d][k]`` is the block of positions
+    (k + d, k), shape (blocks, C, C), for d = 0 .. w (the band's width: the largest
+    |p - p'| that interacts); only the lower triangle is stored (H is Hermitian).
+    ``product(a, a2)`` gives tap a's adjoint times tap a2 (input side) or tap a times tap
+    a2's adjoint (output side); by default from the stored taps, with (a2, a) taken as the
+    adjoint of (a, a2) (the same rounded numbers, transposed)."""
     nb, _, c_out, c_in = taps.shape
     ch = c_in if side == "input" else c_out
-    beta = max(1, max(abs(r - c) for r, c, _, _ in pairs))
-    starts = list(range(0, n_pos, beta))
-    size = [min(beta, n_pos - s) * ch for s in starts]
-    diag = [torch.zeros(nb, s, s, dtype=taps.dtype, device=taps.device) for s in size]
-    sub = [torch.zeros(nb, size[k + 1], size[k], dtype=taps.dtype, device=taps.device)
-           for k in range(len(starts) - 1)]
+    width = max(r - c for r, c, _, _ in pairs)
+    bands = [[torch.zeros(nb, ch, ch, dtype=taps.dtype, device=taps.device)
+              for _ in range(n_pos - d)] for d in range(width + 1)]
     products: dict[tuple[int, int], torch.Tensor] = {}
+
+    def get(a: int, a2: int) -> torch.Tensor:
+        if (a, a2) not in products:
+            if (a2, a) in products:
+                return products[(a2, a)].mH
+            products[(a, a2)] = product(a, a2) if product is not None else \
+                taps[:, a].mH @ taps[:, a2] if side == "input" else taps[:, a] @ taps[:, a2].mH
+        return products[(a, a2)]
+
     for r, c, a, a2 in pairs:
-        if r // beta < c // beta:
-            continue  # upper triangle: the Hermitian completion of a sub-diagonal block
-        key = (a, a2)
-        if key not in products:
-            products[key] = taps[:, a].mH @ taps[:, a2] if side == "input" else \
-                taps[:, a] @ taps[:, a2].mH
-        kr, kc = r // beta, c // beta
-        rr, cc = (r % beta) * ch, (c % beta) * ch
-        target = diag[kr] if kr == kc else sub[kc]
-        target[:, rr:rr + ch, cc:cc + ch] += products[key]
-    return diag, sub, beta
+        if r >= c:  # the upper triangle is the Hermitian completion
+            bands[r - c][c] += get(a, a2)
+    return bands
 
 
 def _reads(n_e: int, out_e: int, k_e: int, stride_e: int, dilation_e: int,
@@ -200,7 +202,10 @@ def _lanczos_top(apply, n: int, nb: int, dtype, device, steps: int) -> torch.Ten
         # breakdown (an invariant subspace: its Ritz values are eigenvalues): the rest of
         # the basis is zero, so T splits and adds zero Ritz values only (H is PSD)
         scale = torch.abs(alpha) + (betas[-1] if betas else 0.0)
-        beta = torch.where(beta > 1e-10 * scale, beta, torch.zeros_like(beta))
+        # (float32 residuals of an exhausted basis are rounding noise near 1e3 eps, not
+        # below 1e-10: renormalising them gives Ritz values of no operator)
+        floor = max(1e-10, 1e3 * torch.finfo(basis.real.dtype).eps)
+        beta = torch.where(beta > floor * scale, beta, torch.zeros_like(beta))
         if j == steps - 1:
             break
         betas.append(beta)
@@ -215,30 +220,44 @@ def _lanczos_top(apply, n: int, nb: int, dtype, device, steps: int) -> torch.Ten
     return torch.linalg.eigvalsh(t.reshape(nb, k, k))[:, -1]
 
 
-def banded_cholesky_certifies(diag, sub, s: float, error: torch.Tensor) -> torch.Tensor:
-    """For each block-tridiagonal Hermitian fl(H_b) in a batch: True only if
-    lambda_max(H) < s for every H within ``error[b]`` of it in spectral norm. The shift and
-    its proof are those of :func:`.core._cholesky_certifies`; the factorisation of
-    B = (s - c) I - fl(H) runs by blocks, L_kk = chol(B_kk - L_k,k-1 L_k,k-1^*),
-    L_k+1,k = B_k+1,k L_kk^-* (another order of evaluating the same Cholesky recurrences;
-    entries outside the band are exact zeros: the bound of Higham, Thm 10.3, holds for any
-    order, and it is all Rump's test uses)."""
-    n = sum(d.shape[-1] for d in diag)
-    diagonal = torch.cat([torch.diagonal(d, dim1=-2, dim2=-1).real for d in diag], dim=1)
+def banded_cholesky_certifies(bands, s: float, error: torch.Tensor) -> torch.Tensor:
+    """For each block-banded Hermitian fl(H_b) in a batch (``bands``: :func:`_banded_gram`):
+    True only if lambda_max(H) < s for every H within ``error[b]`` of it in spectral norm.
+    The shift and its proof are those of :func:`.core._cholesky_certifies`; the
+    factorisation of B = (s - c) I - fl(H) runs by blocks within the band of width w,
+    L_kk = chol(B_kk - sum_j L_kj L_kj^*), L_ik = (B_ik - sum_j L_ij L_kj^*) L_kk^-* for
+    i = k + 1 .. k + w (another order of evaluating the same Cholesky recurrences; entries
+    outside the band are exact zeros of B and of L: the bound of Higham, Thm 10.3, holds for
+    any order, and it is all Rump's test uses). Cost: about (w + 1)(w + 2) / 2 products of
+    blocks per position, instead of (positions)^2 / 3 for the dense factorisation."""
+    width = len(bands) - 1
+    n_pos = len(bands[0])
+    n = sum(d.shape[-1] for d in bands[0])
+    diagonal = torch.cat([torch.diagonal(d, dim1=-2, dim2=-1).real for d in bands[0]], dim=1)
     shift, ok = rump_certificate_shift(diagonal, n, s, error)
-    below = None
-    for k, d in enumerate(diag):
-        a = -d
-        a.diagonal(dim1=-2, dim2=-1).add_((s - shift).to(d.dtype)[:, None])
-        if below is not None:
-            a = a - below @ below.mH
+    factor: dict[tuple[int, int], torch.Tensor] = {}  # (i, j) -> L_ij, i - j <= width
+    for k in range(n_pos):
+        a = -bands[0][k]
+        a.diagonal(dim1=-2, dim2=-1).add_((s - shift).to(a.dtype)[:, None])
+        for j in range(max(0, k - width), k):
+            a.baddbmm_(factor[(k, j)], factor[(k, j)].mH, alpha=-1)
         chol, info = torch.linalg.cholesky_ex(a)
         ok = ok & (info == 0)
-        if k < len(sub):
-            # L_{k+1,k} = B_{k+1,k} L_kk^{-*}: solve L_kk X = B_{k+1,k}^*, L_{k+1,k} = X^*
-            x = torch.linalg.solve_triangular(chol, (-sub[k]).mH, upper=False)
+        factor[(k, k)] = chol
+        for i in range(k + 1, min(n_pos, k + width + 1)):
+            b = -bands[i - k][k]
+            for j in range(max(0, i - width), k):
+                b.baddbmm_(factor[(i, j)], factor[(k, j)].mH, alpha=-1)
+            # L_ik = B_ik L_kk^{-*}: solve L_kk X = B_ik^*, L_ik = X^*
+            x = torch.linalg.solve_triangular(chol, b.mH, upper=False)
             below = x.mH.resolve_conj()
-            ok = ok & torch.isfinite(torch.view_as_real(below)).flatten(1).all(dim=1)
+            parts = torch.view_as_real(below) if below.is_complex() else below
+            ok = ok & torch.isfinite(parts).flatten(1).all(dim=1)
+            factor[(i, k)] = below
+        # later steps read L_ij only for j > k - width and never a diagonal factor
+        del factor[(k, k)]
+        for key in [key for key in factor if key[1] <= k - width]:
+            del factor[key]
     return ok
 
 
@@ -265,61 +284,87 @@ def semi_circular_norm(weight: np.ndarray, in_hw: tuple[int, int], stride: tuple
     if e == 1:  # the circular axis last
         w = w.transpose(0, 1, 3, 2)
     c = 1 - e
-    pad_e = pads[e]
     per_group = w.shape[0] // groups
     tap_list, q = [], 1
     for g in range(groups):
         taps, q = _tap_blocks(w[g * per_group:(g + 1) * per_group], p["m"], stride[c],
-                                   dilation[c], device)
+                              dilation[c], device)
         tap_list.append(taps)
     taps = torch.cat(tap_list) if groups > 1 else tap_list[0]  # (groups * blocks, k_e, ..)
-    k_e = taps.shape[1]
-    reads = _reads(p["n_e"], p["out_e"], k_e, stride[e], dilation[e], pad_e)
-    pairs = _pairs(reads, p["gram_side"])
-    if not pairs:
-        return 0.0
-    n_pos = p["n_e"] if p["gram_side"] == "input" else p["out_e"]
-    n_side = n_pos * (taps.shape[3] if p["gram_side"] == "input" else taps.shape[2])
-    apply = _gram_operator(taps, reads, p["n_e"], p["out_e"], p["gram_side"])
-    estimates = _lanczos_top(apply, n_side, taps.shape[0], taps.dtype, taps.device,
-                             LANCZOS_STEPS)
-    if not bool(torch.isfinite(estimates).all()):
-        return None
-    lam = max(0.0, float(estimates.max()))
-    if unless_within is not None and \
-            math.ldexp(math.sqrt(lam), exponent) >= unless_within:
-        return None
-    diag, sub, _ = _banded_gram(taps, pairs, n_pos, p["gram_side"])
-    # ||T(v)||_F^2: each (output, tap) read contributes ||K_a(v)||_F^2
-    uses = np.array([len(rows) for rows, _ in reads], dtype=np.float64)
-    fro_taps = _fro_upper(taps.flatten(0, 1)).reshape(taps.shape[:2]).to(torch.float64)
-    fro2 = (fro_taps ** 2 * torch.as_tensor(uses, device=taps.device)).sum(dim=1) * (1 + 8 * U)
-    length = (taps.shape[2] if p["gram_side"] == "input" else taps.shape[3]) * k_e + k_e + 1
-    # products that underflow err by at most the smallest subnormal each, absolutely
-    underflow = n_side * length * 2.0**-1074
-    error = (_gamma(length) * fro2 * (1 + 4 * U) + underflow) * (1 + 4 * U)
+    reads = _reads(p["n_e"], p["out_e"], taps.shape[1], stride[e], dilation[e], pads[e])
     # the DFT's error in T(v): ||E||_2 <= ||E||_F <= factor sqrt(q) sqrt(out_e) ||w_g||_F
     # (each of the out_e rows uses each tap at most once), plus underflowed products
     factor = direct_dft_error_factor(q)
     fro_w = max(float(np.linalg.norm(w[g * per_group:(g + 1) * per_group].reshape(-1)))
                 for g in range(groups))
-    entries = p["out_e"] * k_e * taps.shape[2] * taps.shape[3]
+    entries = p["out_e"] * taps.shape[1] * taps.shape[2] * taps.shape[3]
     dft_error = (factor * math.sqrt(q) * math.sqrt(p["out_e"]) * fro_w +
                  math.sqrt(2 * entries) * q * 2.0**-1074) * (1 + 1e-6)
-    top = float(torch.cat([torch.diagonal(d, dim1=-2, dim2=-1).real.flatten() for d in diag])
-                .max())
+    bound = banded_operator_norm(taps, reads, p["n_e"], p["out_e"], p["gram_side"],
+                                 unless_within=None if unless_within is None else
+                                 math.ldexp(unless_within, -exponent))
+    if bound is None or bound == 0.0:
+        return bound
+    bound = bound + dft_error + w.size * 2.0**-1074  # + entries the scaling made subnormal
+    return math.nextafter(math.ldexp(bound * (1 + 4 * U), exponent), math.inf)
+
+
+def banded_operator_norm(taps: torch.Tensor, reads, n_e: int, out_e: int, side: str,
+                         unless_within: float | None = None,
+                         lanczos_steps: int = LANCZOS_STEPS,
+                         margins: tuple[float, ...] = MARGINS, product=None,
+                         estimate: float | None = None) -> float | None:
+    """Certified upper bound on max_b ||T_b||_2 over a batch of operators
+    T_b = sum_a S_a (x) taps[b, a], with S_a the zero-padded, strided shift of tap a along
+    one axis (``reads``: :func:`_reads`), computed from the stored taps exactly as given
+    (errors of forming the taps are the caller's); None when the Lanczos estimate is at
+    least ``unless_within`` or the certificate does not go through; 0.0 when no tap reads an
+    input. The banded Gram matrix of :func:`_banded_gram` is proven below s by
+    :func:`banded_cholesky_certifies` for s just above the largest Lanczos estimate (each
+    failing operator is tried again at the next margin); its formation error is
+    gamma_L ||T_b||_F^2 with L the length of one entry's dot products. ``estimate``, when
+    given, replaces the Lanczos estimate of max_b lambda_max(T_b^* T_b) (it proves nothing
+    either way: the certificate does); ``product`` is passed to :func:`_banded_gram`."""
+    pairs = _pairs(reads, side)
+    if not pairs:
+        return 0.0
+    k_e = taps.shape[1]
+    n_pos = n_e if side == "input" else out_e
+    n_side = n_pos * (taps.shape[3] if side == "input" else taps.shape[2])
+    if estimate is None:
+        apply = _gram_operator(taps, reads, n_e, out_e, side)
+        estimates = _lanczos_top(apply, n_side, taps.shape[0], taps.dtype, taps.device,
+                                 lanczos_steps)
+        if not bool(torch.isfinite(estimates).all()):
+            return None
+        estimate = float(estimates.max())
+    if not math.isfinite(estimate):
+        return None
+    lam = max(0.0, estimate)
+    if unless_within is not None and math.sqrt(lam) >= unless_within:
+        return None
+    bands = _banded_gram(taps, pairs, n_pos, side, product)
+    # ||T||_F^2: each (output, tap) read contributes ||taps[b, a]||_F^2
+    uses = np.array([len(rows) for rows, _ in reads], dtype=np.float64)
+    fro_taps = _fro_upper(taps.flatten(0, 1)).reshape(taps.shape[:2]).to(torch.float64)
+    fro2 = (fro_taps ** 2 * torch.as_tensor(uses, device=taps.device)).sum(dim=1) * (1 + 8 * U)
+    length = (taps.shape[2] if side == "input" else taps.shape[3]) * k_e + k_e + 1
+    # products that underflow err by at most the smallest subnormal each, absolutely
+    underflow = n_side * length * 2.0**-1074
+    error = (_gamma(length) * fro2 * (1 + 4 * U) + underflow) * (1 + 4 * U)
+    top = float(torch.cat([torch.diagonal(d, dim1=-2, dim2=-1).real.flatten()
+                           for d in bands[0]]).max())
     if not (math.isfinite(top) and top < 2.0**900):
         return None
     err_max = float(error.max())
     pending = torch.arange(taps.shape[0])
     s = 0.0
-    for margin in MARGINS:
+    for margin in margins:
         s = max(s, up(lam * (1.0 + margin) + 4.0 * err_max))
-        ok = banded_cholesky_certifies([d[pending] for d in diag], [b[pending] for b in sub],
-                                       s, error[pending])
+        rows = bands if len(pending) == taps.shape[0] else \
+            [[b[pending] for b in band] for band in bands]
+        ok = banded_cholesky_certifies(rows, s, error[pending])
         pending = pending[~ok]
         if len(pending) == 0:
-            bound = math.sqrt(s) * (1 + 4 * U) + dft_error
-            bound = bound + w.size * 2.0**-1074  # entries the scaling made subnormal
-            return math.nextafter(math.ldexp(bound * (1 + 4 * U), exponent), math.inf)
+            return math.nextafter(math.sqrt(s) * (1 + 4 * U), math.inf)
     return None
