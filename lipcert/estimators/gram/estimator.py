@@ -6,13 +6,14 @@ Per layer it returns the minimum of the sound candidates and says which won:
   batched Cholesky test just above LAPACK's eigenvalues of the leading blocks
   (``spectral=eigh``, the default), or ``gram``: Gram iteration on every block
   (``spectral=gram``); see :mod:`.core`;
-- ``exact``: for a conv whose smaller side is at most ``exact_max_side`` (where the circular
-  embedding is loosest: few positions), the operator's own norm, certified by Cholesky of
-  the shifted Gram matrix (:mod:`.exact_conv`), when its estimate shows the circular
-  candidate more than ``tighten_above`` (1%) above it;
-- ``semi``: where the exact one does not fit, the embedding that is circular along one
-  spatial axis and exact along the other (:mod:`.semi_circular`): frequency blocks of side
-  C n, banded, certified by a Cholesky factorisation by blocks;
+- where the circular candidate is more than ``tighten_above`` (1%) above a Lanczos estimate
+  of the operator's norm (few positions: the circular embedding is loosest), cheapest first:
+  ``semi``, the embedding that is circular along one spatial axis and exact along the other
+  (:mod:`.semi_circular`: frequency blocks of side C n, banded, certified by a Cholesky
+  factorisation by blocks), when its own estimate is within ``tighten_above``; else
+  ``exact``, the operator's own norm (:mod:`.exact_banded`: one axis unrolled exactly, the
+  Gram matrix banded along the other, certified the same way) when that factorisation
+  costs at most ``exact_max_cost`` multiply-adds;
 - ``unrolled``: the exact SVD of a small unrolled ConvTranspose or AvgPool;
 - ``reshaped`` / ``taps``: the size-independent bounds of the naive estimator (for a
   ConvTranspose; for a conv the circular candidate is never above them);
