@@ -94,7 +94,8 @@ def test_eps_zero_equals_autograd(name):
     assert result.upper >= truth
 
 
-@pytest.mark.parametrize("act", [O.Tanh(), O.Sigmoid(), O.LeakyRelu(0.1), O.Clip(-0.5, 0.5)])
+@pytest.mark.parametrize("act", [O.Tanh(), O.Sigmoid(), O.LeakyRelu(0.1), O.Clip(-0.5, 0.5),
+                                 O.Elu(0.5), O.Softplus(), O.Gelu(), O.Silu()])
 def test_eps_zero_equals_autograd_other_activations(act):
     graph = random_mlp([5, 12, 12, 3], act, 4)
     x0 = np.random.default_rng(0).uniform(-1, 1, 5)
@@ -106,7 +107,8 @@ def test_eps_zero_equals_autograd_other_activations(act):
 
 
 ACTS = {"relu": O.Relu(), "leaky": O.LeakyRelu(0.2), "tanh": O.Tanh(), "sigmoid": O.Sigmoid(),
-        "clip": O.Clip(0.0, 1.0)}
+        "clip": O.Clip(0.0, 1.0), "elu": O.Elu(1.5), "softplus": O.Softplus(), "gelu": O.Gelu(),
+        "silu": O.Silu()}
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -89,6 +89,10 @@ UNARY = {
     O.Sigmoid: _activation,
     O.Tanh: _activation,
     O.Clip: _activation,
+    O.Elu: _activation,
+    O.Softplus: _activation,
+    O.Gelu: _activation,
+    O.Silu: _activation,
     O.Softmax: _softmax,
     O.GroupSort: _one,
     O.Reduce: _one,  # max/min over disjoint groups: |max_S x - max_S y| <= ||(x - y)_S||

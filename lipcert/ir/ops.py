@@ -9,6 +9,7 @@ owns a table from op class to handler (as in jax_verify).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -179,6 +180,33 @@ class Tanh(Op):
 
 
 @dataclass(frozen=True, eq=False)
+class Elu(Op):
+    """alpha (e^x - 1) for x < 0, x for x >= 0 (alpha >= 0: increasing, derivative in
+    [0, max(alpha, 1)], a kink at 0 unless alpha = 1)."""
+
+    alpha: float
+
+
+@dataclass(frozen=True, eq=False)
+class Softplus(Op):
+    """log(1 + e^x): increasing, convex, derivative sigmoid(x) in (0, 1)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Gelu(Op):
+    """x Phi(x) with Phi the standard normal CDF (ONNX Gelu, approximate="none"): not
+    monotone; its derivative Phi(x) + x phi(x) is largest at sqrt(2), smallest at
+    -sqrt(2), and its minimum value is at the root of the derivative near -0.752."""
+
+
+@dataclass(frozen=True, eq=False)
+class Silu(Op):
+    """x sigmoid(x) (SiLU / swish, imported from Mul(x, Sigmoid(x))): not monotone; its
+    derivative is largest at the root c of x tanh(x / 2) = 2, smallest at -c, and its
+    minimum value is at the root of the derivative near -1.278."""
+
+
+@dataclass(frozen=True, eq=False)
 class Clip(Op):
     """Elementwise clamp to [low, high] (ReLU6, hardtanh); slope in [0, 1].
 
@@ -253,7 +281,30 @@ def slope_range(op: Op) -> tuple[float, float] | None:
         return (0.0, 1.0)
     if isinstance(op, Clip):
         return (0.0, 1.0) if op.high > op.low else (0.0, 0.0)
+    if isinstance(op, Elu):
+        return (0.0, max(float(op.alpha), 1.0))
+    if isinstance(op, Softplus):
+        return (0.0, 1.0)
+    if isinstance(op, Gelu):
+        return SMOOTH_EXTREMA["gelu"]["slopes"]
+    if isinstance(op, Silu):
+        return SMOOTH_EXTREMA["silu"]["slopes"]
     return None
 
 
-ELEMENTWISE_ACTIVATIONS = (Relu, LeakyRelu, Sigmoid, Tanh, Clip)
+#: Extremes of the non-monotone smooth activations, each widened outwards by 1e-9 (the
+#: exact values, from the critical points named in the op docstrings, solved to 1e-15 in
+#: float64: GELU' in [-0.128904145185155, 1.128904145185155], min GELU -0.169971207479904 at
+#: -0.751791524693564; SiLU' in [-0.099839320128867, 1.099839320128867] with c =
+#: 2.399357280515468, min SiLU -0.278464542761074 at -1.278464542761074). ``slopes``
+#: bounds the derivative everywhere, ``peaks`` are the points where it is extreme (in
+#: [low, high] order), ``minimum`` bounds the function below everywhere, at ``argmin``.
+SMOOTH_EXTREMA = {
+    "gelu": {"slopes": (-0.128904146, 1.128904146), "peaks": (-math.sqrt(2.0), math.sqrt(2.0)),
+             "minimum": -0.169971208, "argmin": -0.7517915246935641},
+    "silu": {"slopes": (-0.099839322, 1.099839322),
+             "peaks": (-2.3993572805154675, 2.3993572805154675),
+             "minimum": -0.278464543, "argmin": -1.2784645427610741},
+}
+
+ELEMENTWISE_ACTIVATIONS = (Relu, LeakyRelu, Sigmoid, Tanh, Clip, Elu, Softplus, Gelu, Silu)

@@ -33,6 +33,9 @@ from .semi_circular import _lanczos_top, _pairs, _reads, banded_operator_norm
 LANCZOS_STEPS = 150
 #: relative margins above the estimate tried in turn (the first covers float32 Lanczos)
 MARGINS = (2e-6, 1e-4, 1e-2)
+#: below this side the estimate is float64 Lanczos on the unrolled taps (exact for tiny
+#: operators) and every margin of :mod:`.semi_circular` is tried: factorisations are cheap
+SMALL_SIDE = 2048
 
 
 def _axis_plan(weight_shape, in_hw, stride, pads, dilation, groups, banded_axis: int):
@@ -133,26 +136,42 @@ def tap_products(weight: np.ndarray, reads_c, n_c: int, out_c: int, side: str):
 def conv_estimate(weight: np.ndarray, in_hw: tuple[int, int], stride: tuple[int, int],
                   pads: tuple[int, int, int, int], dilation: tuple[int, int], groups: int,
                   steps: int = LANCZOS_STEPS) -> float:
-    """An estimate of lambda_max(W^T W) by Lanczos with full reorthogonalisation in float32
-    on the conv operator (torch conv2d and its adjoint by autograd): proves nothing; it only
-    places the shift that the certificate then proves."""
+    """An estimate of lambda_max(W^T W) from below: Lanczos with full reorthogonalisation in
+    float32 on the conv operator (torch conv2d and its adjoint by autograd) for a Ritz
+    vector y, then the float64 Rayleigh quotient ||W y||^2 / ||y||^2, which no float32
+    artefact can push above lambda_max (float32 Ritz values of a rank-deficient operator
+    were seen 14% above it). Proves nothing: it only places the shift that the certificate
+    then proves; 0.0 when there is nothing to estimate."""
     import torch.nn.functional as F
 
-    w = torch.as_tensor(weight, dtype=torch.float32)
     t, l, b, r = pads
     shape = (1, weight.shape[1] * groups, *in_hw)
     n = int(np.prod(shape))
 
+    def operator(dtype):
+        w = torch.as_tensor(weight, dtype=dtype)
+        return lambda x: F.conv2d(F.pad(x, (l, r, t, b)), w, stride=stride,
+                                  dilation=dilation, groups=groups)
+
+    forward32 = operator(torch.float32)
+
     def apply(v: torch.Tensor) -> torch.Tensor:
         x = v.reshape(shape).detach().requires_grad_(True)
-        y = F.conv2d(F.pad(x, (l, r, t, b)), w, stride=stride, dilation=dilation,
-                     groups=groups)
+        y = forward32(x)
         (g,) = torch.autograd.grad(y, x, y.detach())
         return g.reshape(1, n)
 
+    # at most n / 2 steps: a float32 basis that exhausts the space loses orthogonality in
+    # its last vectors (seen: the Ritz value of a 90-dim operator at 90 steps twice lambda_max)
     with torch.enable_grad():
-        value = _lanczos_top(apply, n, 1, torch.float32, "cpu", steps)
-    return float(value[0])
+        _, ritz = _lanczos_top(apply, n, 1, torch.float32, "cpu", min(steps, max(1, n // 2)),
+                               vectors=True)
+    y = ritz.to(torch.float64).reshape(shape)
+    with torch.no_grad():
+        image = operator(torch.float64)(y)
+    norm2 = float(torch.sum(y * y))
+    value = float(torch.sum(image * image)) / norm2 if norm2 > 0 else 0.0
+    return value if math.isfinite(value) else 0.0
 
 
 def estimated_norm(weight: np.ndarray, in_hw: tuple[int, int], stride: tuple[int, int],
@@ -160,10 +179,16 @@ def estimated_norm(weight: np.ndarray, in_hw: tuple[int, int], stride: tuple[int
                    tol: float = 1e-4) -> float:
     """The conv's norm estimated by Lanczos (ARPACK) on W^T W applied matrix-free (torch conv
     and its adjoint by autograd), to about ``tol``: only used to decide whether the exact
-    candidate is worth its Cholesky factorisation. 0.0 when ARPACK fails."""
+    candidate is worth its Cholesky factorisation. 0.0 when ARPACK fails. The weights are
+    scaled by a power of two first (their largest entry in [1, 2)): W^T W of weights near
+    1e200 overflowed, and LAPACK inside ARPACK printed errors to stdout."""
     import torch.nn.functional as F
 
-    w = torch.as_tensor(np.asarray(weight, dtype=np.float64))
+    w = np.asarray(weight, dtype=np.float64)
+    if not np.all(np.isfinite(w)) or not np.any(w):
+        return 0.0
+    exponent = int(np.frexp(float(np.max(np.abs(w))))[1]) - 1
+    w = torch.as_tensor(np.ldexp(w, -exponent))
     t, l, b, r = pads
     shape = (1, w.shape[1] * groups, *in_hw)
     n = int(np.prod(shape))
@@ -186,7 +211,9 @@ def estimated_norm(weight: np.ndarray, in_hw: tuple[int, int], stride: tuple[int
         values = failed.eigenvalues
     except (spla.ArpackError, ValueError):
         return 0.0
-    return float(np.sqrt(max(float(np.max(values)), 0.0))) if len(values) else 0.0
+    if not len(values):
+        return 0.0
+    return math.ldexp(float(np.sqrt(max(float(np.max(values)), 0.0))), exponent)
 
 
 def exact_banded_norm(weight: np.ndarray, in_hw: tuple[int, int], stride: tuple[int, int],
@@ -219,17 +246,21 @@ def exact_banded_norm(weight: np.ndarray, in_hw: tuple[int, int], stride: tuple[
                                    p["out"][c], stride[c], dilation[c], pads[c])
                      for g in range(groups)])
     taps_t = torch.as_tensor(taps, device=device)
-    # the scaled weights in the original layout for the estimate
-    estimate = conv_estimate(np.ldexp(np.asarray(weight, dtype=np.float64), -exponent), in_hw,
-                             stride, pads, dilation, groups)
     product = None
     if groups == 1:
         reads_c = _reads(in_hw[c], p["out"][c], w.shape[3], stride[c], dilation[c], pads[c])
         product = tap_products(w, reads_c, in_hw[c], p["out"][c], p["gram_side"])
-    bound = banded_operator_norm(taps_t, p["reads"], in_hw[e], p["out"][e], p["gram_side"],
-                                 unless_within=None if unless_within is None else
-                                 math.ldexp(unless_within, -exponent),
-                                 margins=MARGINS, product=product, estimate=estimate)
+    within = None if unless_within is None else math.ldexp(unless_within, -exponent)
+    if p["n_side"] <= SMALL_SIDE:  # float64 Lanczos on the unrolled taps; retries are cheap
+        bound = banded_operator_norm(taps_t, p["reads"], in_hw[e], p["out"][e],
+                                     p["gram_side"], unless_within=within,
+                                     lanczos_steps=LANCZOS_STEPS, product=product)
+    else:  # the scaled weights in the original layout for the estimate
+        estimate = conv_estimate(np.ldexp(np.asarray(weight, dtype=np.float64), -exponent),
+                                 in_hw, stride, pads, dilation, groups)
+        bound = banded_operator_norm(taps_t, p["reads"], in_hw[e], p["out"][e],
+                                     p["gram_side"], unless_within=within, margins=MARGINS,
+                                     product=product, estimate=estimate)
     if bound is None or bound == 0.0:
         return bound
     # entries the scaling made subnormal moved by at most 2^-1075 each; each is used at most

@@ -181,9 +181,11 @@ def _gram_operator(taps: torch.Tensor, reads, n_e: int, out_e: int, side: str):
     return lambda v: t(t_adjoint(v.reshape(nb, out_e, c_out))).reshape(nb, -1)
 
 
-def _lanczos_top(apply, n: int, nb: int, dtype, device, steps: int) -> torch.Tensor:
+def _lanczos_top(apply, n: int, nb: int, dtype, device, steps: int,
+                 vectors: bool = False):
     """Largest Ritz value of each Hermitian PSD H(v) of a batch (``apply``: x -> H x), by
-    Lanczos with full reorthogonalisation: an estimate, proves nothing."""
+    Lanczos with full reorthogonalisation: an estimate, proves nothing. With ``vectors``,
+    also the Ritz vectors (batch, n), unit norm up to rounding."""
     steps = max(1, min(steps, n))
     gen = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(nb, n, dtype=torch.float64, generator=gen, device=device).to(dtype)
@@ -217,7 +219,11 @@ def _lanczos_top(apply, n: int, nb: int, dtype, device, steps: int) -> torch.Ten
     if betas:
         off = torch.stack(betas, dim=1)
         t = t + torch.diag_embed(off, offset=1) + torch.diag_embed(off, offset=-1)
-    return torch.linalg.eigvalsh(t.reshape(nb, k, k))[:, -1]
+    if not vectors:
+        return torch.linalg.eigvalsh(t.reshape(nb, k, k))[:, -1]
+    values, vecs = torch.linalg.eigh(t.reshape(nb, k, k))
+    ritz = (basis[:, :, :k] @ vecs[:, :, -1:].to(dtype))[..., 0]
+    return values[:, -1], ritz
 
 
 def banded_cholesky_certifies(bands, s: float, error: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ from ..settings import setting
 from .lmi import GroupQC
 from .subchains import affine_norm, bound_subchain, split_chain
 
-SLOPE_RESTRICTED = (O.Relu, O.LeakyRelu, O.Sigmoid, O.Tanh, O.Clip)
+SLOPE_RESTRICTED = O.ELEMENTWISE_ACTIVATIONS
 MAX_NEURONS = 1024
 #: unrolled matrix entries (8 bytes each; input identity included): the OVAL21 cifar_wide_kw
 #: takes 30.4 million, 2.5 GB peak in all (bench/results/lipsdp.txt)

@@ -220,7 +220,7 @@ def eclipse_fast_multipliers(weights, slopes) -> np.ndarray:
         report(f"ECLipsE-Fast multipliers, layer {k + 1}/{len(slopes)}")
         if isinstance(qc, GroupQC) or qc[0] != 0.0:
             raise MethodNotApplicable("lipsdp form eclipse-fast needs slope ranges [0, beta] "
-                                      "(ReLU, Sigmoid, Tanh, Clip)")
+                                      "(ReLU, Sigmoid, Tanh, Clip, Elu, Softplus)")
         m = qc[1] / 2.0
         k = w @ _solve_positive(x_prev, w.T)
         k = (k + k.T) / 2

@@ -9,9 +9,11 @@ Piecewise-linear activations (ReLU, LeakyReLU, Clip with one kink inside [l, u])
 "two-piece": value v at the kink kappa, slope p left of it and q right of it. The convex
 case takes the chord above and a line through the kink below (slope q if the interval lies
 mostly right of the kink, else p), as CROWN does (Zhang et al., NeurIPS 2018, Sec. 3.2);
-the concave case mirrors it. Sigmoid and Tanh use the mean-value lines
-sigma(l) + [dmin, dmax] (z - l) and sigma(u) - [dmin, dmax] (u - z), whichever is tighter
-at the midpoint: sound, looser than tangent/chord pairs.
+the concave case mirrors it. Smooth activations (Sigmoid, Tanh, Softplus, GELU, SiLU) and
+ELU use the mean-value lines sigma(l) + [dmin, dmax] (z - l) and
+sigma(u) - [dmin, dmax] (u - z), whichever is tighter at the midpoint, with [dmin, dmax]
+their derivative's range on [l, u]: sound for monotone and non-monotone ones alike, looser
+than tangent/chord pairs.
 
 All lines and bounds are widened by a relative ``SLACK`` for float64 rounding.
 """
@@ -22,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ...ir import ops as O
 from ...soundness import checked_array, poison
@@ -86,7 +89,17 @@ def _smooth(l, u, fn, deriv, peak):
     d_l, d_u = deriv(l), deriv(u)
     dmin = torch.minimum(d_l, d_u)
     dmax = torch.where((l <= 0) & (u >= 0), torch.full_like(l, peak), torch.maximum(d_l, d_u))
-    dmin, dmax = dmin * (1 - SLACK), dmax * (1 + SLACK)
+    return _mean_value(l, u, fl, fu, dmin, dmax, fl, fu)
+
+
+def _mean_value(l, u, fl, fu, dmin, dmax, bl, bu):
+    """The mean-value lines f(l) + [dmin, dmax] (z - l) and f(u) - [dmin, dmax] (u - z),
+    whichever is tighter at the midpoint, for a function whose (Clarke) derivative lies in
+    [dmin, dmax] on [l, u] (the mean value theorem: sound for any such function, monotone or
+    not), with output bounds [bl, bu] given. The derivative interval is widened outwards by
+    SLACK relative plus 1e-14 absolute (derivatives near 0 come from sums that cancel)."""
+    dmin = dmin - SLACK * dmin.abs() - 1e-14
+    dmax = dmax + SLACK * dmax.abs() + 1e-14
     mid = 0.5 * (l + u)
     up_a, up_b = fl + dmax * (mid - l), fu - dmin * (u - mid)
     use_a = up_a <= up_b
@@ -96,7 +109,60 @@ def _smooth(l, u, fn, deriv, peak):
     use_a = lo_a >= lo_b
     sl = torch.where(use_a, dmin, dmax)
     il = torch.where(use_a, fl - dmin * l, fu - dmax * u)
-    return Relaxation(sl, il, su, iu, fl, fu, dmin, dmax, torch.zeros_like(l, dtype=torch.bool))
+    return Relaxation(sl, il, su, iu, bl, bu, dmin, dmax, torch.zeros_like(l, dtype=torch.bool))
+
+
+def _elu(alpha: float, l, u):
+    """ELU: increasing (alpha >= 0); derivative alpha e^z below 0 (increasing) and 1 from 0
+    on, so on [l, u] it lies between its values at the ends and, when 0 is inside, alpha and
+    1 (Clarke's set at the kink)."""
+    def deriv(z):
+        return torch.where(z < 0, alpha * torch.exp(torch.clamp(z, max=0.0)),
+                           torch.ones_like(z))
+
+    fl, fu = F.elu(l, alpha), F.elu(u, alpha)
+    d_l, d_u = deriv(l), deriv(u)
+    inside = (l < 0) & (u >= 0)
+    dmin = torch.where(inside, torch.clamp(d_l, max=min(alpha, 1.0)), torch.minimum(d_l, d_u))
+    dmax = torch.where(inside, torch.clamp(d_u, min=max(alpha, 1.0)), torch.maximum(d_l, d_u))
+    return _mean_value(l, u, fl, fu, dmin, dmax, fl, fu)
+
+
+def _softplus(l, u):
+    """Softplus: increasing, derivative sigmoid (increasing)."""
+    fl = torch.logaddexp(l, torch.zeros_like(l))
+    fu = torch.logaddexp(u, torch.zeros_like(u))
+    return _mean_value(l, u, fl, fu, torch.sigmoid(l), torch.sigmoid(u), fl, fu)
+
+
+def _quasiconvex(name: str, fn, deriv, l, u):
+    """GELU, SiLU: decreasing then increasing, with derivative decreasing, increasing, then
+    decreasing again (extremes at ``peaks``): on [l, u] the derivative lies between its
+    values at the ends and at the peaks inside; the maximum is at an end, the minimum at an
+    end or, when the argmin is inside, at most the tabled minimum (a lower bound)."""
+    ext = O.SMOOTH_EXTREMA[name]
+    (p_lo, p_hi), (d_lo, d_hi) = ext["peaks"], ext["slopes"]
+    fl, fu = fn(l), fn(u)
+    d_l, d_u = deriv(l), deriv(u)
+    dmin = torch.where((l <= p_lo) & (u >= p_lo), torch.full_like(l, d_lo),
+                       torch.minimum(d_l, d_u))
+    dmax = torch.where((l <= p_hi) & (u >= p_hi), torch.full_like(l, d_hi),
+                       torch.maximum(d_l, d_u))
+    a = ext["argmin"]
+    bl = torch.where((l <= a) & (u >= a), torch.full_like(l, ext["minimum"]),
+                     torch.minimum(fl, fu))
+    return _mean_value(l, u, fl, fu, dmin, dmax, bl, torch.maximum(fl, fu))
+
+
+def _gelu_derivative(z: torch.Tensor) -> torch.Tensor:
+    """Phi(z) + z phi(z)."""
+    return 0.5 * torch.special.erfc(-z / math.sqrt(2.0)) + \
+        z * torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+
+
+def _silu_derivative(z: torch.Tensor) -> torch.Tensor:
+    """sigmoid(z) (1 + z sigmoid(-z))."""
+    return torch.sigmoid(z) * (1.0 + z * torch.sigmoid(-z))
 
 
 def _sigmoid_derivative(z: torch.Tensor) -> torch.Tensor:
@@ -169,6 +235,14 @@ def relax(op: O.Op, l: torch.Tensor, u: torch.Tensor, split: torch.Tensor) -> Re
         r = _smooth(l, u, torch.sigmoid, _sigmoid_derivative, 0.25)
     elif isinstance(op, O.Tanh):
         r = _smooth(l, u, torch.tanh, lambda z: 4.0 * _sigmoid_derivative(2.0 * z), 1.0)
+    elif isinstance(op, O.Elu):
+        r = _elu(float(op.alpha), l, u)
+    elif isinstance(op, O.Softplus):
+        r = _softplus(l, u)
+    elif isinstance(op, O.Gelu):
+        r = _quasiconvex("gelu", F.gelu, _gelu_derivative, l, u)
+    elif isinstance(op, O.Silu):
+        r = _quasiconvex("silu", F.silu, _silu_derivative, l, u)
     else:  # pragma: no cover - the estimator's handler table refuses other ops first
         raise TypeError(f"no relaxation for {op.kind}")
     scale = torch.maximum(torch.maximum(l.abs(), u.abs()),

@@ -1,5 +1,6 @@
-"""Activations: Relu, LeakyRelu, PRelu (one slope), Sigmoid, Tanh, Clip, Softmax, Max/Min,
-TopK (sorting), ReduceMax/ReduceMin."""
+"""Activations: Relu, LeakyRelu, PRelu (one slope), Sigmoid, Tanh, Elu, Softplus, Gelu,
+Clip, Softmax, Max/Min, TopK (sorting), ReduceMax/ReduceMin. (SiLU, Mul(x, Sigmoid(x)), is
+recognised by the Mul handler.)"""
 
 from __future__ import annotations
 
@@ -48,6 +49,28 @@ def sigmoid(ctx: ImportContext) -> None:
 @handles("Tanh")
 def tanh(ctx: ImportContext) -> None:
     ctx.bind(0, ctx.emit(O.Tanh(), [ctx.data_input(0)]))
+
+
+@handles("Elu")
+def elu(ctx: ImportContext) -> None:
+    alpha = float(np.float32(ctx.attr("alpha", 1.0)))
+    if not alpha >= 0.0:
+        raise Unsupported(f"Elu with alpha = {alpha} (not increasing); alpha >= 0 is supported")
+    ctx.bind(0, ctx.emit(O.Elu(alpha), [ctx.data_input(0)]))
+
+
+@handles("Softplus")
+def softplus(ctx: ImportContext) -> None:
+    ctx.bind(0, ctx.emit(O.Softplus(), [ctx.data_input(0)]))
+
+
+@handles("Gelu")
+def gelu(ctx: ImportContext) -> None:
+    approximate = ctx.attr("approximate", "none")
+    if approximate != "none":
+        raise Unsupported(f"Gelu with approximate={approximate!r} (another function); the exact "
+                          "form (approximate='none', torch's default) is supported")
+    ctx.bind(0, ctx.emit(O.Gelu(), [ctx.data_input(0)]))
 
 
 def _scalar(value: np.ndarray | None, default: float) -> float:

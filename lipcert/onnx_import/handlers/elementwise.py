@@ -38,10 +38,24 @@ def add_sub(ctx: ImportContext) -> None:
     ctx.bind(0, ctx.emit(op, [x]))
 
 
+def _sigmoid_of(ctx: ImportContext, value: str) -> str | None:
+    """The input of the Sigmoid node whose output is ``value``, if one made it."""
+    for node in reversed(ctx.nodes):
+        if node.output == value:
+            return node.inputs[0] if isinstance(node.op, O.Sigmoid) else None
+    return None
+
+
 @handles("Mul")
 def mul(ctx: ImportContext) -> None:
     if ctx.is_data(0) and ctx.is_data(1):
-        raise Unsupported("product of two tensors that both depend on the input")
+        a, b = ctx.data_input(0), ctx.data_input(1)
+        for x, s in ((a, b), (b, a)):  # x * sigmoid(x): SiLU (torch's export of nn.SiLU)
+            if _sigmoid_of(ctx, s) == x:
+                ctx.bind(0, ctx.emit(O.Silu(), [x]))
+                return
+        raise Unsupported("product of two tensors that both depend on the input (x * "
+                          "Sigmoid(x), SiLU, is the one such product supported)")
     x, c, _ = _data_and_const(ctx)
     ctx.bind(0, ctx.emit(O.Scale(c, np.zeros_like(c)), [x]))
 
