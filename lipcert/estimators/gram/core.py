@@ -30,6 +30,12 @@ from ..common.rounding import UNIT_ROUNDOFF as U
 from ..common.rounding import rump_shift
 
 
+def unit_exponent(w: np.ndarray) -> int:
+    """e with the largest |entry| of a finite, nonzero ``w`` in [2^e, 2^(e+1)): scaling by
+    2^-e (exact) puts it in [1, 2), away from overflow and gratuitous underflow."""
+    return int(np.frexp(float(np.max(np.abs(w))))[1]) - 1
+
+
 def _gamma(n: int) -> float:
     """Error constant of a length-n complex dot product (Higham, Lemma 3.5, generous)."""
     k = 8.0 * (n + 2) * U
@@ -403,7 +409,7 @@ def conv_circular_bound(weight: np.ndarray, in_hw: tuple[int, int], stride: tupl
         return math.nan
     if not np.any(w):
         return 0.0
-    exponent = int(np.frexp(float(np.max(np.abs(w))))[1]) - 1
+    exponent = unit_exponent(w)
     value = _scaled_circular_bound(np.ldexp(w, -exponent), in_hw, stride, pads, dilation,
                                    groups, iterations, device, spectral)
     if value != value:

@@ -24,6 +24,7 @@ import scipy.sparse.linalg as spla
 import torch
 
 from ..common.rounding import UNIT_ROUNDOFF as U
+from .core import unit_exponent
 from .semi_circular import _lanczos_top, _pairs, _reads, banded_operator_norm
 
 #: Lanczos steps (float32, on the conv operator) for the estimate the certificate starts
@@ -187,7 +188,7 @@ def estimated_norm(weight: np.ndarray, in_hw: tuple[int, int], stride: tuple[int
     w = np.asarray(weight, dtype=np.float64)
     if not np.all(np.isfinite(w)) or not np.any(w):
         return 0.0
-    exponent = int(np.frexp(float(np.max(np.abs(w))))[1]) - 1
+    exponent = unit_exponent(w)
     w = torch.as_tensor(np.ldexp(w, -exponent))
     t, l, b, r = pads
     shape = (1, w.shape[1] * groups, *in_hw)
@@ -235,7 +236,7 @@ def exact_banded_norm(weight: np.ndarray, in_hw: tuple[int, int], stride: tuple[
         return None
     # scale by a power of two (exact) so the largest weight is in [1, 2): no overflow and no
     # gratuitous underflow in the Gram matrix; the norm scales back exactly
-    exponent = int(np.frexp(float(np.max(np.abs(w))))[1]) - 1
+    exponent = unit_exponent(w)
     w = np.ldexp(w, -exponent)
     e = p["banded_axis"]
     c = 1 - e

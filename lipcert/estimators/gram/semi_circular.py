@@ -40,6 +40,7 @@ from .core import (
     direct_dft_error_factor,
     polyphase_kernel,
     rump_certificate_shift,
+    unit_exponent,
 )
 
 #: margins tried above the Lanczos estimate, relative; a block that fails at one is tried at
@@ -284,7 +285,7 @@ def semi_circular_norm(weight: np.ndarray, in_hw: tuple[int, int], stride: tuple
     if p is None or p["side"] > max_side:
         return None
     # scale by a power of two (exact) so the largest weight is in [1, 2)
-    exponent = int(np.frexp(float(np.max(np.abs(w))))[1]) - 1
+    exponent = unit_exponent(w)
     w = np.ldexp(w, -exponent)
     e = p["exact_axis"]
     if e == 1:  # the circular axis last
