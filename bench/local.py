@@ -23,7 +23,7 @@ are its exact-arithmetic bounds (before the float32 execution margin), the quant
 baseline computes.
 
     python bench/local.py [--eps 0.005,0.01,0.02,0.05] [--budget 30]
-    python bench/local.py --scale
+    python bench/local.py --scale [--device cuda]
     python bench/local.py --baseline
     python bench/local.py --case
 
@@ -138,25 +138,28 @@ def train_wide_cnn(path: Path) -> None:
         torch.onnx.export(net.eval(), (xt[:1],), str(path), dynamo=False, opset_version=17)
 
 
-def root_once(path: str, eps: float) -> None:
-    """One root bound in this process; prints a JSON line with its time and peak memory."""
+def root_once(path: str, eps: float, device: str = "cpu") -> None:
+    """One root bound in this process (bound propagation on ``device``); prints a JSON line
+    with its time and peak memory (host RSS; on CUDA also the device's peak)."""
     graph = lipcert.load(path)
     n = int(np.prod(graph.input_shape))
     x0 = np.random.default_rng(0).uniform(0.2, 0.8, n)
     t0 = time.perf_counter()
     try:
         result = lipcert.bound(graph, "local", "inf", center=x0, eps=eps, domain=(0.0, 1.0),
-                               bab_time=0, self_check=False)
+                               bab_time=0, self_check=False, device=device)
         value, unstable = result.upper, result.details["unstable_at_root"]
     except LipcertError as exc:
         value, unstable = str(exc), None
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    if device.startswith("cuda"):
+        peak = max(peak, torch.cuda.max_memory_allocated() / 2**30)
     print(json.dumps({"upper": value, "seconds": seconds, "peak_gib": peak,
                       "unstable": unstable}))
 
 
-def bench_scale(eps: float) -> None:
+def bench_scale(eps: float, device: str = "cpu") -> None:
     with tempfile.TemporaryDirectory() as tmp:
         wide = Path(tmp) / "cifar_wide_arch.onnx"
         train_wide_cnn(wide)
@@ -166,12 +169,14 @@ def bench_scale(eps: float) -> None:
         if len(models) < 2:
             print("../shared/onnx is absent: cifar_base_kw and resnet_2b skipped")
         models.append(("wide 4-layer (cifar_wide_kw arch.)", wide))
-        print(f"\nroot local linf bound (no branching), eps {eps:g}, each in a fresh process "
-              "(peak = its max RSS, model load included)")
+        print(f"\nroot local linf bound (no branching), eps {eps:g}, device {device}, each in a "
+              "fresh process (peak = its max RSS, model load included; on CUDA the larger of "
+              "it and the GPU's peak allocation)")
         print(f"{'model':<36} {'unstable':>8} {'bound':>12} {'seconds':>8} {'peak GiB':>9}")
         for name, path in models:
             out = subprocess.run([sys.executable, __file__, "--root-once", str(path),
-                                  "--eps", str(eps)], capture_output=True, text=True,
+                                  "--eps", str(eps), "--device", device],
+                                 capture_output=True, text=True,
                                  check=True).stdout.strip().splitlines()[-1]
             row = json.loads(out)
             value = row["upper"]
@@ -274,6 +279,7 @@ def main() -> None:
     parser.add_argument("--case", action="store_true",
                         help="the mnist256x2 box of ../shared/cases, with and without beta")
     parser.add_argument("--root-once", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help="--scale: where local runs (cuda)")
     args = parser.parse_args()
     if args.case:
         bench_case()
@@ -282,10 +288,10 @@ def main() -> None:
         bench_baseline()
         return
     if args.root_once:
-        root_once(args.root_once, float(args.eps))
+        root_once(args.root_once, float(args.eps), args.device)
         return
     if args.scale:
-        bench_scale(float(args.eps) if "," not in args.eps else 0.002)
+        bench_scale(float(args.eps) if "," not in args.eps else 0.002, args.device)
         return
     eps_list = [float(e) for e in args.eps.split(",")]
     torch.set_num_threads(max(1, torch.get_num_threads()))

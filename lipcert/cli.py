@@ -192,7 +192,8 @@ def _load(model: str, no_verify: bool):
 @click.option("--no-verify", is_flag=True,
               help="skip the onnxruntime fidelity check (said in the result)")
 @click.option("--device", default="cpu", show_default=True,
-              help="torch device for methods that use one (gram): cpu, cuda, cuda:1, ...")
+              help="torch device for methods that use one (gram, local): cpu, cuda, "
+                   "cuda:1, ...")
 @click.option("--input", "input_path", help="point x0 (.npy, or .npz with --index) for a local "
                                             "box of radius --eps (methods local, exact, lower)")
 @click.option("--index", type=int, help="sample index in --input's batch")
@@ -247,7 +248,8 @@ def bound(model: str, method: str, norm: str, json_out: str | None, no_verify: b
 @click.option("--junit-per-sample", is_flag=True, help="also one JUnit test case per sample")
 @click.option("--config", "config_path", help="TOML file with a [certify] table")
 @click.option("--no-verify", is_flag=True, help="skip the onnxruntime fidelity check")
-@click.option("--device", help="torch device for methods that use one  [default: cpu]")
+@click.option("--device", help="torch device for methods that use one (gram, local)  "
+                                  "[default: cpu]")
 @click.option("--option", "-o", "raw_options", multiple=True, metavar="KEY=VALUE",
               help="method setting (repeatable)")
 @click.option("--no-self-check", is_flag=True, help=SELF_CHECK_HELP)
@@ -391,7 +393,7 @@ def _report_eps(given: str | None, configured: list | None, eps: float) -> list[
 @click.option("--plot", metavar="OUT.png", help="write a bar chart (log scale)")
 @click.option("--config", "config_path", help="TOML file: [compare] and [methods.NAME]")
 @click.option("--no-verify", is_flag=True, help="skip the onnxruntime fidelity check")
-@click.option("--device", default="cpu", show_default=True, help="torch device (gram)")
+@click.option("--device", default="cpu", show_default=True, help="torch device (gram, local)")
 @click.option("--no-self-check", is_flag=True, help=SELF_CHECK_HELP)
 def compare(model, methods, norm, input_path, index, eps, domain, timeout, json_out, markdown,
             plot, config_path, no_verify, device, no_self_check) -> None:

@@ -31,7 +31,8 @@ CHUNK_ROWS = 1024
 
 @dataclass(frozen=True)
 class LinearOperator:
-    """x -> M x for x in R^{n_in} (flat), as a function on batches (B, n_in) -> (B, n_out).
+    """x -> M x for x in R^{n_in} (flat), as a function on batches (B, n_in) -> (B, n_out),
+    on the device of x (the ops' arrays follow it: :func:`~.evaluate.param`).
 
     ``cost``: multiply-adds per row, to compare with the n_out * n_in of the dense matrix."""
 
@@ -54,7 +55,7 @@ class LinearOperator:
         out = []
         for i in range(0, flat.shape[0], CHUNK_ROWS):
             rows = flat[i:i + CHUNK_ROWS]
-            zero = torch.zeros(rows.shape[0], self.n_in, dtype=rows.dtype)
+            zero = torch.zeros(rows.shape[0], self.n_in, dtype=rows.dtype, device=rows.device)
             _, vjp = torch.func.vjp(self.apply, zero)
             out.append(vjp(rows)[0])
         return torch.cat(out).reshape(*lead, self.n_in)
@@ -65,8 +66,16 @@ def identity(n: int) -> LinearOperator:
 
 
 def dense(m: torch.Tensor) -> LinearOperator:
-    """The dense matrix itself as an operator (the fallback where replaying costs more)."""
-    return LinearOperator(lambda x: x @ m.T, m.shape[1], m.shape[0], m.numel())
+    """The dense matrix itself as an operator (the fallback where replaying costs more), on
+    the device of the rows it multiplies (a copy per device, made once)."""
+    copies = {m.device: m}
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        if x.device not in copies:
+            copies[x.device] = m.to(x.device)
+        return x @ copies[x.device].T
+
+    return LinearOperator(apply, m.shape[1], m.shape[0], m.numel())
 
 
 def op_cost(op: O.Op, out_shape: Sequence[int]) -> int:
@@ -100,7 +109,8 @@ def compose(lin: O.Op, in_shapes: Sequence[Sequence[int]], out_shape: Sequence[i
     def apply(x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
         args = [a.apply(x).reshape(b, *s) if a is not None else
-                torch.zeros((b, *s), dtype=x.dtype) for a, s in zip(inputs, shapes, strict=True)]
+                torch.zeros((b, *s), dtype=x.dtype, device=x.device)
+                for a, s in zip(inputs, shapes, strict=True)]
         return batched(*args).reshape(b, n_out)
 
     cost = sum(a.cost for a in inputs if a is not None) + op_cost(lin, out_shape)

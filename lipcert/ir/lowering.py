@@ -68,6 +68,8 @@ class AffineDag:
     pre: list[Affine]
     out: Affine
     sources: list[str]
+    #: copies of this DAG on other devices (:meth:`to`), made once each
+    copies: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_acts(self) -> int:
@@ -75,6 +77,30 @@ class AffineDag:
 
     def entries(self) -> int:
         return sum(a.entries for a in self.pre) + self.out.entries
+
+    @property
+    def device(self) -> torch.device:
+        return self.out.bias.device
+
+    def to(self, device: str | torch.device) -> AffineDag:
+        """The same DAG with its matrices and biases on ``device`` (itself when they are
+        there already; the matrix-free operators follow the device of what they multiply)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if self.device == device:
+            return self
+        if device in self.copies:
+            return self.copies[device]
+
+        def moved(a: Affine) -> Affine:
+            return Affine({j: m.to(device) for j, m in a.maps.items()}, a.bias.to(device),
+                          dict(a.ops))
+
+        copy = AffineDag(list(self.sizes), list(self.acts), [moved(a) for a in self.pre],
+                         moved(self.out), list(self.sources))
+        self.copies[device] = copy
+        return copy
 
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Pre-activations z_1..z_K and the output at a batch of points x (B, n_0)."""

@@ -66,17 +66,17 @@ def _compose(affine: Affine, values: dict[int, Affine], size: int) -> Affine:
 
 
 def _is_identity(e: torch.Tensor) -> bool:
-    return e.shape[0] == e.shape[1] and bool(torch.equal(e, torch.eye(e.shape[0],
-                                                                      dtype=e.dtype)))
+    return e.shape[0] == e.shape[1] and bool(torch.equal(e, torch.eye(
+        e.shape[0], dtype=e.dtype, device=e.device)))
 
 
-def _pair_matrices(groups: np.ndarray, stage: list[tuple[int, int]], n: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair_matrices(groups: np.ndarray, stage: list[tuple[int, int]], n: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """For one stage over every group: D (pairs x n) with D v = b - a, and E (n x pairs)
     with v + E relu(D v) the values after the compare-exchanges (a: +r, b: -r)."""
     pairs = [(int(row[i]), int(row[j])) for row in groups for i, j in stage]
-    d = torch.zeros((len(pairs), n), dtype=torch.float64)
-    e = torch.zeros((n, len(pairs)), dtype=torch.float64)
+    d = torch.zeros((len(pairs), n), dtype=torch.float64, device=device)
+    e = torch.zeros((n, len(pairs)), dtype=torch.float64, device=device)
     for p, (a, b) in enumerate(pairs):
         d[p, b], d[p, a] = 1.0, -1.0
         e[a, p], e[b, p] = 1.0, -1.0
@@ -89,15 +89,16 @@ def expand_group_sorts(dag: AffineDag) -> AffineDag:
     The DAG is returned unchanged when it has no GroupSort."""
     if not any(isinstance(op, O.GroupSort) for op in dag.acts):
         return dag
-    n0 = dag.sizes[0]
-    values: dict[int, Affine] = {0: Affine({0: torch.eye(n0, dtype=torch.float64)},
-                                           torch.zeros(n0, dtype=torch.float64))}
+    n0, device = dag.sizes[0], dag.device
+    values: dict[int, Affine] = {0: Affine({0: torch.eye(n0, dtype=torch.float64, device=device)},
+                                           torch.zeros(n0, dtype=torch.float64, device=device))}
     sizes, acts, pre, sources = [n0], [], [], []
     for k, op in enumerate(dag.acts, start=1):
         z = _compose(dag.pre[k - 1], values, dag.sizes[k])
         if not isinstance(op, O.GroupSort):
-            values[k] = Affine({len(sizes): torch.eye(dag.sizes[k], dtype=torch.float64)},
-                               torch.zeros(dag.sizes[k], dtype=torch.float64))
+            values[k] = Affine({len(sizes): torch.eye(dag.sizes[k], dtype=torch.float64,
+                                                      device=device)},
+                               torch.zeros(dag.sizes[k], dtype=torch.float64, device=device))
             sizes.append(dag.sizes[k])
             acts.append(op)
             pre.append(z)
@@ -106,7 +107,7 @@ def expand_group_sorts(dag: AffineDag) -> AffineDag:
         v = z
         stages = comparator_stages(op.groups.shape[1])
         for s, stage in enumerate(stages, start=1):
-            d, e = _pair_matrices(op.groups, stage, dag.sizes[k])
+            d, e = _pair_matrices(op.groups, stage, dag.sizes[k], device)
             pre.append(Affine({i: d @ m for i, m in v.maps.items()}, d @ v.bias))
             acts.append(O.Relu())
             sources.append(f"{dag.sources[k - 1]} (compare-exchange stage {s}/{len(stages)})")

@@ -100,13 +100,19 @@ class LocalProblem:
     """One AffineDag on one box, bounding ||grad c_q^T f||_1 for each row c_q of C."""
 
     def __init__(self, dag: AffineDag, xl: np.ndarray, xu: np.ndarray, c: np.ndarray,
-                 cap: torch.Tensor | None = None, norm: str = "inf", iterations: int = 0):
-        self.dag = dag
-        self.xl = torch.as_tensor(xl, dtype=torch.float64).reshape(1, -1)
-        self.xu = torch.as_tensor(xu, dtype=torch.float64).reshape(1, -1)
-        self.c = torch.as_tensor(c, dtype=torch.float64).reshape(-1, dag.out.bias.numel())
+                 cap: torch.Tensor | None = None, norm: str = "inf", iterations: int = 0,
+                 device: str | torch.device = "cpu"):
+        self.host_dag = dag  # the leaf LPs read its matrices (scipy, on the CPU)
+        self.dag = dag.to(device)  # bound propagation runs here
+        device = self.dag.device
+        self.host_box = (np.asarray(xl, dtype=np.float64).reshape(-1),
+                         np.asarray(xu, dtype=np.float64).reshape(-1))
+        self.xl = torch.as_tensor(self.host_box[0], device=device).reshape(1, -1)
+        self.xu = torch.as_tensor(self.host_box[1], device=device).reshape(1, -1)
+        self.c = torch.as_tensor(np.asarray(c, dtype=np.float64), device=device).reshape(
+            -1, dag.out.bias.numel())
         # a bound per query valid on every box (gradient_cap), or none
-        self.cap = cap
+        self.cap = None if cap is None else cap.to(device)
         self.norm = norm  # "inf": ||grad||_1 is bounded; "2": ||grad||_2
         self.iterations = iterations  # alpha/beta optimisation steps per bound (optimized.py)
         self.piecewise_linear = all(isinstance(op, (O.Relu, O.LeakyRelu)) for op in dag.acts)
@@ -132,10 +138,12 @@ class LocalProblem:
                               for zl, zu in zip(fwd.zl, fwd.zu, strict=True)], dim=1)
             flat = torch.where(mixed, flat + 1e-9 * area + 1e-300, torch.zeros_like(flat))
             best = flat.argmax(dim=1)
+            positive = (flat.gather(1, best[:, None])[:, 0] > 0).tolist()
+            best = best.tolist()  # one transfer from the device, not one per domain
             offsets = np.cumsum([0] + [n for n in self.dag.sizes[1:]])
             for i in range(d):
-                if flat[i, best[i]] > 0:
-                    pos = int(best[i])
+                if positive[i]:
+                    pos = best[i]
                     act = int(np.searchsorted(offsets, pos, side="right")) - 1
                     branches[i] = (act, pos - int(offsets[act]))
         upper = jac.upper if self.cap is None else torch.minimum(jac.upper, self.cap[queries])
@@ -160,7 +168,8 @@ class LocalProblem:
         a_ub = np.hstack([np.array(rows), np.array(scale)[:, None]])
         objective = np.zeros(n0 + 1)
         objective[-1] = -1.0  # maximise t
-        bounds = [*zip(self.xl[0].numpy(), self.xu[0].numpy(), strict=True), (None, 1.0)]
+        xl, xu = self.host_box
+        bounds = [*zip(xl, xu, strict=True), (None, 1.0)]
         res = linprog(objective, A_ub=a_ub, b_ub=np.array(rhs), bounds=bounds,
                       method="highs")
         if res.status != 0 or res.x is None:  # not solved: keep it, never call it attained
@@ -168,13 +177,12 @@ class LocalProblem:
         margin = float(res.x[-1])
         if margin < -1e-9:
             return "empty"
-        return "interior" if margin > 1e-9 and bool(np.all(self.xu[0].numpy() >
-                                                           self.xl[0].numpy())) else "boundary"
+        return "interior" if margin > 1e-9 and bool(np.all(xu > xl)) else "boundary"
 
     def _leaf_constraints(self, dom: Domain) -> tuple[list, list, list]:
         """sign * (a x + b) <= 0 for every split neuron, as rows a, right-hand sides and
         row scales (1 + |b| + ||a||_1), with the exact affine forms of the leaf's pattern."""
-        dag = self.dag
+        dag = self.host_dag
         n0 = dag.sizes[0]
         forms = [(np.eye(n0), np.zeros(n0))]
         rows, rhs, scale = [], [], []
@@ -187,10 +195,10 @@ class LocalProblem:
                 a += mj @ forms[j][0]
                 b += mj @ forms[j][1]
             op = dag.acts[k - 1]
-            lo, hi = dom.zl[k - 1].numpy(), dom.zu[k - 1].numpy()
+            lo, hi = dom.zl[k - 1].cpu().numpy(), dom.zu[k - 1].cpu().numpy()
             alpha = op.alpha if isinstance(op, O.LeakyRelu) else 0.0
             slope = np.where(lo >= 0, 1.0, np.where(hi <= 0, alpha, 1.0))
-            split = dom.splits[k - 1].numpy()
+            split = dom.splits[k - 1].cpu().numpy()
             slope = np.where(split > 0, 1.0, np.where(split < 0, alpha, slope))
             row_scale = 1 + np.abs(b) + np.abs(a).sum(1)
             for idx in np.flatnonzero(split):
@@ -305,8 +313,9 @@ class _Search:
                                                          iterations=self.child_steps,
                                                          deadline=self.deadline)
         self.visited += len(children)
+        values = upper.tolist()
         for i, ch in enumerate(children):
-            value = float(upper[i])
+            value = values[i]
             if _infeasible(value):
                 continue
             ch.bound = min(value, ch.bound)  # a sub-domain's bound never needs to grow
@@ -353,11 +362,13 @@ def branch_and_bound(problem: LocalProblem, *, time_budget: float, max_domains: 
     start = time.perf_counter()
     n_q = problem.c.shape[0]
     fwd, upper, branches = problem.evaluate(list(range(n_q)), None, None)
+    upper = upper.tolist()
     search = _Search(problem, n_q, targets, start, time_budget)
     sizes = problem.dag.sizes[1:]
     for q in range(n_q):
         if not _infeasible(float(upper[q])):
-            search.push(Domain(q, [torch.zeros(n, dtype=torch.int8) for n in sizes],
+            search.push(Domain(q, [torch.zeros(n, dtype=torch.int8, device=problem.xl.device)
+                                   for n in sizes],
                                [z[q] for z in fwd.zl], [z[q] for z in fwd.zu],
                                float(upper[q]), branches[q]))
     root = [float(u) for u in upper]

@@ -30,6 +30,7 @@ from ...ir.graph import Graph
 from ...ir.lowering import UNROLLABLE, AffineDag, cached_affine_dag
 from ...ir.sorting_networks import cached_expansion
 from ..base import Bound, Estimator, register
+from ..common.devices import dot_product_arithmetic
 from ..common.region import box_from_options, nudged
 from ..settings import setting
 from .bab import BabResult, LocalProblem, branch_and_bound
@@ -48,9 +49,10 @@ def gradient_norms(dag: AffineDag, x: np.ndarray, c: np.ndarray,
                    norm: str = "inf") -> np.ndarray:
     """||grad c_q^T f(x)||_1 (``norm`` "inf") or _2 for each row c_q (autograd on the
     unrolled network)."""
-    xt = torch.as_tensor(x, dtype=torch.float64).reshape(1, -1).requires_grad_(True)
+    xt = torch.as_tensor(x, dtype=torch.float64, device=dag.device).reshape(1, -1)
+    xt.requires_grad_(True)
     _, out = dag.forward(xt)
-    ct = torch.as_tensor(c, dtype=torch.float64)
+    ct = torch.as_tensor(c, dtype=torch.float64, device=dag.device)
     norms = []
     for row in ct:
         (grad,) = torch.autograd.grad((out[0] * row).sum(), xt, retain_graph=True)
@@ -63,7 +65,8 @@ def local_bound(dag: AffineDag, low: np.ndarray, high: np.ndarray, c: np.ndarray
                 batch: int = 32, progress: Callable[[dict], None] | None = None,
                 max_entries: int = LOCAL_MAX_ENTRIES, norm: str = "inf",
                 targets: np.ndarray | None = None,
-                optimize_steps: int = DEFAULT_OPTIMIZE_STEPS) -> BabResult:
+                optimize_steps: int = DEFAULT_OPTIMIZE_STEPS,
+                device: str | torch.device = "cpu") -> BabResult:
     """Bound max over the box [low, high] of ||grad c_q^T f||_1 (``norm`` "inf": the
     linf Lipschitz constant of c_q^T f) or ||grad c_q^T f||_2 (``norm`` "2") for every
     row c_q of c.
@@ -74,13 +77,15 @@ def local_bound(dag: AffineDag, low: np.ndarray, high: np.ndarray, c: np.ndarray
     branching). ``targets``: one per row, the bounds certification needs (see
     :func:`~.bab.branch_and_bound`). ``optimize_steps``: alpha/beta-CROWN steps per
     pre-activation bound, at the root and in every domain (0: plain CROWN; see
-    :mod:`.optimized`)."""
+    :mod:`.optimized`). ``device``: where bound propagation runs (a copy of the DAG there;
+    the cap and the leaf LPs stay on the CPU)."""
     c = np.atleast_2d(c)
-    cap = gradient_cap(dag, torch.as_tensor(c, dtype=torch.float64), norm)
+    cap = gradient_cap(dag, torch.as_tensor(c, dtype=torch.float64, device=dag.device), norm)
     problem = LocalProblem(cached_expansion(dag, "local", max_entries), low, high, c, cap,
-                           norm, iterations=optimize_steps)
-    return branch_and_bound(problem, time_budget=bab_time, max_domains=max_domains,
-                            batch=batch, progress=progress, targets=targets)
+                           norm, iterations=optimize_steps, device=device)
+    with dot_product_arithmetic(device):
+        return branch_and_bound(problem, time_budget=bab_time, max_domains=max_domains,
+                                batch=batch, progress=progress, targets=targets)
 
 
 def _progress_text(report: Callable[[str], None] | None) -> Callable[[dict], None] | None:
@@ -138,7 +143,7 @@ class LocalEstimator(Estimator):
             dag, low, high, c, threshold=threshold, time_budget=time_budget,
             iterations=settings.optimize_steps,
             child_iterations=min(settings.optimize_steps, CHILD_STEPS), batch=settings.batch,
-            max_domains=settings.max_domains,
+            max_domains=settings.max_domains, device=options.get("device", "cpu"),
             progress=None if report is None else lambda info: report(
                 f"margin branch-and-bound {info['elapsed']:.0f} s, {info['domains']:,} "
                 f"domains ({info['open']:,} open), worst lower bound {info['lower']:.6g}"))
@@ -171,7 +176,8 @@ class LocalEstimator(Estimator):
                              progress=_progress_text(options.get("progress")),
                              max_entries=max_entries, norm=norm, targets=targets,
                              optimize_steps=int(options.get("optimize_steps",
-                                                            DEFAULT_OPTIMIZE_STEPS)))
+                                                            DEFAULT_OPTIMIZE_STEPS)),
+                             device=options.get("device", "cpu"))
         root, upper, exact = result.root, result.upper, result.exact
         lower = max(result.lower, float(attained.max()))
         notes = [f"local constant on the box {region['describe']}: valid only inside it"]

@@ -165,7 +165,7 @@ def forward_bounds(dag: AffineDag, xl: torch.Tensor, xu: torch.Tensor,
     d = xl.shape[0]
     lows, ups = [xl], [xu]
     zls, zus, relaxes = [], [], []
-    infeasible = torch.zeros(d, dtype=torch.bool)
+    infeasible = torch.zeros(d, dtype=torch.bool, device=xl.device)
     for k in range(1, dag.n_acts + 1):
         aff = dag.pre[k - 1]
         zl, zu = widen(*_interval(aff, lows, ups))
@@ -221,7 +221,7 @@ def root_forward_bounds(dag: AffineDag, xl: torch.Tensor, xu: torch.Tensor,
     choice is not monotone in the bounds before it, so optimised earlier layers alone could
     loosen a later one; the intersection never does). Without a deadline the result is
     remembered for the last few boxes (it is a function of the DAG, box and steps alone)."""
-    key = (iterations, xl.numpy().tobytes(), xu.numpy().tobytes(), injections())
+    key = (iterations, xl.cpu().numpy().tobytes(), xu.cpu().numpy().tobytes(), injections())
     cacheable = deadline == math.inf
     if cacheable:
         for ref, k, fwd in _ROOT_CACHE:
@@ -257,7 +257,8 @@ class _Adjoint:
                 self.users[j].append(m)
         d = c.shape[0]
         self.const = [c @ dag.out.maps[k] if k in dag.out.maps else
-                      torch.zeros(d, dag.sizes[k], dtype=c.dtype) for k in range(k_max + 1)]
+                      torch.zeros(d, dag.sizes[k], dtype=c.dtype, device=c.device)
+                      for k in range(k_max + 1)]
         self.ylo: dict[int, torch.Tensor] = {}
         self.yhi: dict[int, torch.Tensor] = {}
         self.lines: dict[int, tuple[torch.Tensor, ...]] = {}  # m -> (al, bl, au, bu)
@@ -305,7 +306,7 @@ class _Adjoint:
             # the product y_k = d_k t_k is relaxed exactly where d_k is one number, whatever
             # the bounds of t_k: linear bounds only where d_k ranges over an interval (all
             # of the gradient itself, k = 0, whose bounds the final |.| chord reads)
-            rows = (torch.arange(lo.shape[1]) if k == 0 else
+            rows = (torch.arange(lo.shape[1], device=lo.device) if k == 0 else
                     torch.nonzero((self.fwd.relax[k - 1].dl != self.fwd.relax[k - 1].du)
                                   .any(0)).reshape(-1))
             if rows.numel():
@@ -408,8 +409,8 @@ def gradient_cap(dag: AffineDag, c: torch.Tensor, norm: str = "inf") -> torch.Te
             t = (c @ dag.out.maps[k]).abs()
             mass = q_norm(t)
         else:
-            t = torch.zeros(c.shape[0], dag.sizes[k], dtype=c.dtype)
-            mass = torch.zeros(c.shape[0], dtype=c.dtype)
+            t = torch.zeros(c.shape[0], dag.sizes[k], dtype=c.dtype, device=c.device)
+            mass = torch.zeros(c.shape[0], dtype=c.dtype, device=c.device)
         for m in users[k]:
             a = dag.pre[m - 1].maps[k]
             t = t + y[m] @ a.abs()
@@ -420,7 +421,7 @@ def gradient_cap(dag: AffineDag, c: torch.Tensor, norm: str = "inf") -> torch.Te
                                  "the local gradient cap", nonnegative=True)
         op = dag.acts[k - 1]
         if isinstance(op, O.GroupSort):
-            groups = torch.as_tensor(op.groups, dtype=torch.long)
+            groups = torch.as_tensor(op.groups, dtype=torch.long, device=t.device)
             peak = t[:, groups].amax(-1)  # (Q, n_groups)
             y[k] = torch.zeros_like(t)
             y[k][:, groups] = peak[..., None].expand(-1, -1, groups.shape[1])
@@ -471,7 +472,7 @@ def _operator_norm(m: torch.Tensor, norm: str) -> float:
         return known[1]
     from ..common.norms import spectral_norm
 
-    value = spectral_norm(m.numpy())
+    value = spectral_norm(m.cpu().numpy())
     _SPECTRAL[id(m)] = (weakref.ref(m), value)
     if len(_SPECTRAL) > 4096:  # forget entries whose matrices are gone
         for key in [k for k, (ref, _) in _SPECTRAL.items() if ref() is None]:

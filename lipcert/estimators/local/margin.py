@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ...ir.lowering import Affine, AffineDag
+from ..common.devices import dot_product_arithmetic
 from .bab import Domain, stack_domains
 from .jacobian import ForwardBounds, crown_max, forward_bounds, root_forward_bounds
 from .optimized import MAGNITUDE_SLACK, optimized_crown
@@ -89,11 +90,11 @@ def objective_lower(ext: AffineDag, fwd: ForwardBounds, xl: torch.Tensor, xu: to
     optimisation; rounded down by :func:`_rounding_pad`. ``record``: CROWN's coefficients
     (:func:`~.jacobian.crown_max`), which :func:`_branches` scores."""
     k = len(ext.pre)
-    rows = torch.arange(ext.sizes[k])
+    rows = torch.arange(ext.sizes[k], device=xl.device)
     low = -crown_max(ext, k, -1.0, fwd.relax, xl, xu, rows, record)
     if iterations > 0:
         padded = None if splits is None else [*splits, torch.zeros(
-            (xl.shape[0], ext.sizes[k]), dtype=torch.int8)]
+            (xl.shape[0], ext.sizes[k]), dtype=torch.int8, device=xl.device)]
         found = optimized_crown(ext, k, fwd.relax, xl, xu, rows, padded, iterations, deadline)
         if found is not None:
             low = torch.fmax(low, found[0])  # NaN from one side leaves the other
@@ -123,11 +124,13 @@ def _branches(acts: list, fwd: ForwardBounds, coeffs: dict[int, torch.Tensor],
     flat, area = torch.cat(scores, dim=1), torch.cat(areas, dim=1)
     flat = torch.where((flat > 0).any(1, keepdim=True), flat, area)
     best = flat.argmax(dim=1)
+    positive = (flat.gather(1, best[:, None])[:, 0] > 0).tolist()  # NaN fails
+    best = best.tolist()  # one transfer from the device, not one per domain
     offsets = np.cumsum([0] + [z.shape[1] for z in fwd.zl])
     out: list[tuple[int, int] | None] = []
     for i in range(d):
-        pos = int(best[i])
-        if not flat[i, pos] > 0:
+        pos = best[i]
+        if not positive[i]:
             out.append(None)
             continue
         act = int(np.searchsorted(offsets, pos, side="right")) - 1
@@ -140,9 +143,9 @@ def find_counterexample(dag: AffineDag, xl: np.ndarray, xu: np.ndarray, c: np.nd
     """Projected signed-gradient descent on every c_q^T f from the box's centre (float64):
     True when a point of the box brings some query to ``threshold`` or below. Only ever
     used to stop early: a miss proves nothing."""
-    lo = torch.as_tensor(xl, dtype=torch.float64).reshape(1, -1)
-    hi = torch.as_tensor(xu, dtype=torch.float64).reshape(1, -1)
-    ct = torch.as_tensor(c, dtype=torch.float64)
+    lo = torch.as_tensor(xl, dtype=torch.float64, device=dag.device).reshape(1, -1)
+    hi = torch.as_tensor(xu, dtype=torch.float64, device=dag.device).reshape(1, -1)
+    ct = torch.as_tensor(c, dtype=torch.float64, device=dag.device)
     x = ((lo + hi) / 2).expand(ct.shape[0], -1).clone()
     step = (hi - lo) / 4
     for _ in range(steps + 1):
@@ -217,11 +220,12 @@ class _Search:
                                    deadline, coeffs)[:, 0]
             branches = _branches(self.dag.acts, fwd, coeffs, 0)
             self.visited += d
+            empty, values = fwd.infeasible.tolist(), lows.tolist()
             for i, ch in enumerate(group):
-                if bool(fwd.infeasible[i]):  # split constraints contradict: empty domain
+                if empty[i]:  # split constraints contradict: empty domain
                     continue
                 # a part's bound never needs to drop below its parent's (lows has no NaN)
-                ch.bound = max(float(lows[i]), ch.bound)
+                ch.bound = max(values[i], ch.bound)
                 ch.zl, ch.zu = [z[i] for z in fwd.zl], [z[i] for z in fwd.zu]
                 ch.branch = branches[i]
                 self.push(ch)
@@ -231,17 +235,31 @@ def margin_bounds(dag: AffineDag, xl: np.ndarray, xu: np.ndarray, c: np.ndarray,
                   threshold: float = 0.0, time_budget: float = 0.0, iterations: int = 20,
                   batch: int = 32, max_domains: int = 200_000,
                   child_iterations: int = CHILD_STEPS,
-                  progress: Callable[[dict], None] | None = None) -> MarginResult:
+                  progress: Callable[[dict], None] | None = None,
+                  device: str | torch.device = "cpu") -> MarginResult:
     """Lower bounds of min over the box [xl, xu] of c_q^T f for every row c_q (the module
     doc); the search aims at every bound above ``threshold`` and stops when they all are,
     when a counterexample or a leaf it cannot close shows they cannot all be, or after
     ``time_budget`` seconds (0: the root bounds alone) or ``max_domains`` domains.
     ``iterations``: alpha steps per bound at the root; ``child_iterations``: alpha/beta steps
-    in split domains."""
+    in split domains. Bound propagation runs on ``device`` (a copy of ``dag`` there); the
+    counterexample search on ``dag`` as given."""
+    with dot_product_arithmetic(device):
+        return _margin_bounds(dag, xl, xu, c, threshold, time_budget, iterations, batch,
+                              max_domains, child_iterations, progress, device)
+
+
+def _margin_bounds(dag: AffineDag, xl: np.ndarray, xu: np.ndarray, c: np.ndarray,
+                   threshold: float, time_budget: float, iterations: int, batch: int,
+                   max_domains: int, child_iterations: int,
+                   progress: Callable[[dict], None] | None,
+                   device: str | torch.device) -> MarginResult:
     start = time.perf_counter()
-    lo = torch.as_tensor(xl, dtype=torch.float64).reshape(1, -1)
-    hi = torch.as_tensor(xu, dtype=torch.float64).reshape(1, -1)
-    ct = torch.as_tensor(np.atleast_2d(c), dtype=torch.float64)
+    host = dag
+    dag = dag.to(device)
+    lo = torch.as_tensor(np.asarray(xl, dtype=np.float64), device=dag.device).reshape(1, -1)
+    hi = torch.as_tensor(np.asarray(xu, dtype=np.float64), device=dag.device).reshape(1, -1)
+    ct = torch.as_tensor(np.atleast_2d(np.asarray(c, dtype=np.float64)), device=dag.device)
     n_q = ct.shape[0]
     deadline = start + time_budget
     fwd = root_forward_bounds(dag, lo, hi, iterations)
@@ -252,10 +270,11 @@ def margin_bounds(dag: AffineDag, xl: np.ndarray, xu: np.ndarray, c: np.ndarray,
     sizes = dag.sizes[1:]
     for q in range(n_q):
         branch = _branches(dag.acts, fwd, coeffs, q)[0]
-        search.push(Domain(q, [torch.zeros(n, dtype=torch.int8) for n in sizes],
+        search.push(Domain(q, [torch.zeros(n, dtype=torch.int8, device=dag.device)
+                               for n in sizes],
                             [z[0] for z in fwd.zl], [z[0] for z in fwd.zu], float(root[q]),
                             branch))
-    root_np = root.numpy().copy()
+    root_np = root.cpu().numpy().copy()
 
     def result(stopped: str, counterexample: bool = False) -> MarginResult:
         lower = search.lower()
@@ -266,7 +285,7 @@ def margin_bounds(dag: AffineDag, xl: np.ndarray, xu: np.ndarray, c: np.ndarray,
         return result("proven at the root")
     if not time_budget > 0:
         return result("root bounds only (no branching)")
-    if find_counterexample(dag, xl, xu, ct.numpy(), threshold):
+    if find_counterexample(host, xl, xu, np.atleast_2d(c), threshold):
         return result("counterexample found (projected gradient)", True)
     last = start
     while search.heap:

@@ -138,8 +138,8 @@ def optimized_crown(dag: AffineDag, k: int, relaxes: list[Relaxation], xl: torch
     if not masks and not signs:
         return None
     n_k = dag.sizes[k]
-    start = torch.zeros(2 * r, n_k, dtype=xl.dtype)
-    idx = torch.arange(r)
+    start = torch.zeros(2 * r, n_k, dtype=xl.dtype, device=xl.device)
+    idx = torch.arange(r, device=xl.device)
     start[idx, rows] = 1.0  # rows 0..r-1: upper bounds of z_k; r..2r-1: of -z_k
     start[r + idx, rows] = -1.0
     start = start.expand(d, -1, -1)
@@ -147,7 +147,8 @@ def optimized_crown(dag: AffineDag, k: int, relaxes: list[Relaxation], xl: torch
              for j in masks}
     # beta = theta * scale: a multiplier of neuron i for row r is of the order of the row's
     # coefficients on the layer below z_i over those of z_i's own row (CROWN's pass tells)
-    theta = {j: torch.zeros(d, 2 * r, dag.sizes[j], dtype=xl.dtype, requires_grad=True)
+    theta = {j: torch.zeros(d, 2 * r, dag.sizes[j], dtype=xl.dtype, device=xl.device,
+                            requires_grad=True)
              for j in signs}
     record: dict[int, torch.Tensor] = {}
     with torch.no_grad():

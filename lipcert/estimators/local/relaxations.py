@@ -59,7 +59,8 @@ def _two_piece(l, u, kappa, v, p, q, split):
     right = (split > 0) | (l > kappa)
     left = ((split < 0) | (u < kappa)) & ~right
     mixed = ~right & ~left
-    kappa, v, p, q = (torch.as_tensor(t, dtype=l.dtype).expand_as(l) for t in (kappa, v, p, q))
+    kappa, v, p, q = (torch.as_tensor(t, dtype=l.dtype, device=l.device).expand_as(l)
+                      for t in (kappa, v, p, q))
     slope_fixed = torch.where(right, q, p)
     phi_l = v + torch.where(l < kappa, p, q) * (l - kappa)
     phi_u = v + torch.where(u < kappa, p, q) * (u - kappa)
