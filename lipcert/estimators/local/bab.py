@@ -71,6 +71,20 @@ class Domain:
         return out
 
 
+def best_neurons(scores: torch.Tensor, sizes: list[int]) -> list[tuple[int, int] | None]:
+    """For each row of ``scores`` (D, sum of ``sizes``: every activation's neurons side by
+    side), the (activation, neuron) of its largest score, or None where that score is not
+    positive (NaN is not). One transfer from the device, not one per row."""
+    best = scores.argmax(dim=1)
+    positive = (scores.gather(1, best[:, None])[:, 0] > 0).tolist()
+    offsets = np.cumsum([0, *sizes])
+    out: list[tuple[int, int] | None] = []
+    for pos, ok in zip(best.tolist(), positive, strict=True):
+        act = int(np.searchsorted(offsets, pos, side="right")) - 1
+        out.append((act, pos - int(offsets[act])) if ok else None)
+    return out
+
+
 def stack_domains(domains: list[Domain], n_acts: int
                   ) -> tuple[list[torch.Tensor], tuple[list[torch.Tensor], list[torch.Tensor]]]:
     """The domains' split constraints and pre-activation bounds as batches, (D, n_k) per
@@ -137,15 +151,7 @@ class LocalProblem:
             area = torch.cat([(-zl * zu / (zu - zl).clamp(min=1e-300)).clamp(min=0)
                               for zl, zu in zip(fwd.zl, fwd.zu, strict=True)], dim=1)
             flat = torch.where(mixed, flat + 1e-9 * area + 1e-300, torch.zeros_like(flat))
-            best = flat.argmax(dim=1)
-            positive = (flat.gather(1, best[:, None])[:, 0] > 0).tolist()
-            best = best.tolist()  # one transfer from the device, not one per domain
-            offsets = np.cumsum([0] + [n for n in self.dag.sizes[1:]])
-            for i in range(d):
-                if positive[i]:
-                    pos = best[i]
-                    act = int(np.searchsorted(offsets, pos, side="right")) - 1
-                    branches[i] = (act, pos - int(offsets[act]))
+            branches = best_neurons(flat, self.dag.sizes[1:])
         upper = jac.upper if self.cap is None else torch.minimum(jac.upper, self.cap[queries])
         upper = torch.where(fwd.infeasible, torch.full_like(upper, -np.inf), upper)
         return fwd, upper, branches

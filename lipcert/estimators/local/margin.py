@@ -35,7 +35,7 @@ import torch
 
 from ...ir.lowering import Affine, AffineDag
 from ..common.devices import dot_product_arithmetic
-from .bab import Domain, stack_domains
+from .bab import Domain, best_neurons, stack_domains
 from .jacobian import ForwardBounds, crown_max, forward_bounds, root_forward_bounds
 from .optimized import MAGNITUDE_SLACK, optimized_crown
 from .relaxations import BRANCHABLE
@@ -123,19 +123,7 @@ def _branches(acts: list, fwd: ForwardBounds, coeffs: dict[int, torch.Tensor],
                                  .clamp(min=0) + 1e-300, torch.zeros_like(zl)))
     flat, area = torch.cat(scores, dim=1), torch.cat(areas, dim=1)
     flat = torch.where((flat > 0).any(1, keepdim=True), flat, area)
-    best = flat.argmax(dim=1)
-    positive = (flat.gather(1, best[:, None])[:, 0] > 0).tolist()  # NaN fails
-    best = best.tolist()  # one transfer from the device, not one per domain
-    offsets = np.cumsum([0] + [z.shape[1] for z in fwd.zl])
-    out: list[tuple[int, int] | None] = []
-    for i in range(d):
-        pos = best[i]
-        if not positive[i]:
-            out.append(None)
-            continue
-        act = int(np.searchsorted(offsets, pos, side="right")) - 1
-        out.append((act, pos - int(offsets[act])))
-    return out
+    return best_neurons(flat, [z.shape[1] for z in fwd.zl])
 
 
 def find_counterexample(dag: AffineDag, xl: np.ndarray, xu: np.ndarray, c: np.ndarray,
