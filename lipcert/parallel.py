@@ -44,10 +44,11 @@ def _run_chunk(indices: list[int]) -> list[tuple[int, list[float], float, str]]:
 def worker_threads(workers: int) -> int:
     """torch threads per worker: the parent's count divided among the workers, so that the
     workers do not oversubscribe the cores (OpenMP threads that fight for a core make a run
-    several times slower: measured 62.7 s against 17.4 s, bench/certify_scale.py). Reports
-    were measured bit-identical to serial runs with this default (tests check it); should a
-    BLAS block products differently at another thread count, ``LIPCERT_WORKER_THREADS=N``
-    sets the count (the parent's count reproduces a serial run's arithmetic)."""
+    several times slower: measured 62.7 s against 17.4 s, bench/certify_scale.py). At
+    another thread count BLAS may block a product differently, so a bound can differ from a
+    serial run's in its last bits (each is sound: the rounding pads cover any summation
+    order); ``LIPCERT_WORKER_THREADS=N`` sets the count, and the parent's count reproduces
+    a serial run's arithmetic to the bit (tests check it)."""
     import torch
 
     from .errors import positive_int_env
@@ -196,7 +197,12 @@ def run_samples_ray(task: Callable[[dict, int], list[float]], payload: dict[str,
     ray = cluster.ray
     remote = ray.remote(num_cpus=1, max_retries=RETRIES)(_ray_chunk)
     shared = ray.put(payload)
-    pending = [remote.remote(task, shared, chunk, 1)
+    # one CPU per task, one thread unless LIPCERT_WORKER_THREADS says otherwise (see
+    # worker_threads: the parent's count reproduces a serial run's arithmetic)
+    from .errors import positive_int_env
+
+    threads = positive_int_env("LIPCERT_WORKER_THREADS", 1, "threads")
+    pending = [remote.remote(task, shared, chunk, threads)
                for chunk in chunks(indices, cluster.cpus)]
     done: set[int] = set()
     try:

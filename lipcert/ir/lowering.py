@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import MethodNotApplicable
+from ..estimators.common.rounding import gamma
 from . import evaluate
 from . import linear_operators as L
 from . import ops as O
@@ -53,10 +54,53 @@ class Affine:
     maps: dict[int, torch.Tensor]
     bias: torch.Tensor
     ops: dict[int, L.LinearOperator] = field(default_factory=dict)
+    #: Rounding scales (docs/ARCHITECTURE.md, "Rounding"): for each base j the ops' absolute
+    #: values composed, |A_L|...|A_1|, summed over columns (``row_mag[j]``, (size,)) and over
+    #: rows (``col_mag[j]``, (n_j,)), and ``bias_mag`` (size,), the constant terms' absolute
+    #: values carried the same way. The computed maps and bias differ from the exact ones by
+    #: at most the DAG's ``slack`` times these (entrywise |M~_j - M_j| <= slack |A_L|...|A_1|),
+    #: and they bound |maps[j]| itself. Kept for bases whose computed map is all zero too.
+    row_mag: dict[int, torch.Tensor] = field(default_factory=dict)
+    col_mag: dict[int, torch.Tensor] = field(default_factory=dict)
+    bias_mag: torch.Tensor | None = None
 
     @property
     def entries(self) -> int:
         return sum(m.numel() for m in self.maps.values())
+
+    @staticmethod
+    def exact(maps: dict[int, torch.Tensor], bias: torch.Tensor) -> Affine:
+        """An Affine whose maps and bias are exact (0/+-1 matrices, identities): its rounding
+        scales are those of its own entries."""
+        return Affine(maps, bias, {}, {j: m.abs().sum(1) for j, m in maps.items()},
+                      {j: m.abs().sum(0) for j, m in maps.items()}, bias.abs())
+
+    def then(self, d: torch.Tensor) -> Affine:
+        """d @ self (d: (r, size)), with rounding scales that cover the product's rounding:
+        rows |d| row_mag, columns at most col_mag times the largest column sum of |d|."""
+        ad = d.abs()
+        width = ad.sum(0).max() if ad.numel() else ad.new_zeros(())
+        return Affine({j: d @ m for j, m in self.maps.items()}, d @ self.bias, {},
+                      {j: ad @ v for j, v in self.row_mag.items()},
+                      {j: v * width for j, v in self.col_mag.items()},
+                      ad @ self.bias_mag)
+
+    def moved(self, device: torch.device) -> Affine:
+        def move(d: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+            return {j: t.to(device) for j, t in d.items()}
+
+        return Affine(move(self.maps), self.bias.to(device), dict(self.ops), move(self.row_mag),
+                      move(self.col_mag), self.bias_mag.to(device))
+
+    def magnitude(self, scales: list[torch.Tensor]) -> torch.Tensor:
+        """(D, size) bound on the magnitude of the terms summed into this affine value when
+        each base j is at most ``scales[j]`` (D, n_j) in absolute value: bias_mag +
+        sum_j row_mag[j] max(scales[j]) (the row sums of the composed |A| times the base's
+        largest entry, per domain)."""
+        total = self.bias_mag.expand(scales[0].shape[0], -1)
+        for j, v in self.row_mag.items():
+            total = total + v * scales[j].amax(-1, keepdim=True)
+        return total
 
 
 @dataclass
@@ -68,6 +112,11 @@ class AffineDag:
     pre: list[Affine]
     out: Affine
     sources: list[str]
+    #: the most linear ops composed into one map (products later code forms count too) and
+    #: the largest value's size: together they bound the summations behind every number
+    #: computed from the DAG (:attr:`slack`)
+    depth: int = 1
+    largest: int = 1
     #: copies of this DAG on other devices (:meth:`to`), made once each
     copies: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -82,6 +131,18 @@ class AffineDag:
     def device(self) -> torch.device:
         return self.out.bias.device
 
+    @property
+    def slack(self) -> float:
+        """Relative rounding slack of everything computed from this DAG: 4 gamma_N (Higham,
+        Accuracy and Stability, Lemma 3.1 and Sec. 3.5) with N = (depth + 4) * largest,
+        more than the summations behind any one product through a map, its representation
+        error and the products bound propagation forms on top."""
+        return 4.0 * gamma((self.depth + 4) * self.largest)
+
+    def deeper(self, extra: int, largest: int = 0) -> tuple[int, int]:
+        """(depth, largest) for a DAG built from this one with ``extra`` more products."""
+        return self.depth + extra, max(self.largest, largest)
+
     def to(self, device: str | torch.device) -> AffineDag:
         """The same DAG with its matrices and biases on ``device`` (itself when they are
         there already; the matrix-free operators follow the device of what they multiply)."""
@@ -93,12 +154,8 @@ class AffineDag:
         if device in self.copies:
             return self.copies[device]
 
-        def moved(a: Affine) -> Affine:
-            return Affine({j: m.to(device) for j, m in a.maps.items()}, a.bias.to(device),
-                          dict(a.ops))
-
-        copy = AffineDag(list(self.sizes), list(self.acts), [moved(a) for a in self.pre],
-                         moved(self.out), list(self.sources))
+        copy = AffineDag(list(self.sizes), list(self.acts), [a.moved(device) for a in self.pre],
+                         self.out.moved(device), list(self.sources), self.depth, self.largest)
         self.copies[device] = copy
         return copy
 
@@ -118,6 +175,34 @@ def apply_affine(affine: Affine, bases: list[torch.Tensor]) -> torch.Tensor:
     for j, m in affine.maps.items():
         y = y + bases[j] @ m.T
     return y
+
+
+def _abs(a: np.ndarray | None) -> np.ndarray | None:
+    return None if a is None else np.abs(a)
+
+
+#: |op| for each linear op: every coefficient (weights, biases, shifts, pad values, Add's
+#: coefficients) replaced by its absolute value; layout and averaging ops are their own
+_MAGNITUDE = {
+    O.Dense: lambda op: replace(op, weight=np.abs(op.weight), bias=_abs(op.bias)),
+    O.Conv: lambda op: replace(op, weight=np.abs(op.weight), bias=_abs(op.bias)),
+    O.ConvTranspose: lambda op: replace(op, weight=np.abs(op.weight), bias=_abs(op.bias)),
+    O.Scale: lambda op: replace(op, scale=np.abs(op.scale), shift=np.abs(op.shift)),
+    O.Add: lambda op: replace(op, coeffs=tuple(abs(c) for c in op.coeffs)),
+    O.Pad: lambda op: replace(op, value=abs(op.value)),
+    **{kind: lambda op: op for kind in (O.Concat, O.Reshape, O.Transpose, O.Slice, O.AvgPool,
+                                        O.GlobalAvgPool)},
+}
+
+
+def magnitude_op(op: O.Op) -> O.Op:
+    """|op|: |op(x)| <= |op|(|x|) entrywise, and the matrix of |op|'s linear part is the
+    entrywise absolute value of op's (each output reads each input through one coefficient).
+    Refuses an op it has no rule for, by name."""
+    try:
+        return _MAGNITUDE[type(op)](op)
+    except KeyError:
+        raise MethodNotApplicable(f"no rounding scale for linear op {op.kind}") from None
 
 
 def linear_part(op: O.Op) -> O.Op:
@@ -154,13 +239,55 @@ def _apply_linear(op: O.Op, node_shape, in_shapes, inputs: list[Affine]) -> Affi
                 operators[j] = operator
     size = int(np.prod(node_shape))
     kept = {j: m for j, m in maps.items() if torch.any(m != 0)}
-    return Affine(kept, bias.reshape(size), {j: op for j, op in operators.items() if j in kept})
+    row_mag, bias_mag = _magnitudes(op, in_shapes, inputs)
+    return Affine(kept, bias.reshape(size), {j: op for j, op in operators.items() if j in kept},
+                  row_mag, {}, bias_mag)
 
 
-def _identity(size: int, base: int) -> Affine:
-    """B_base itself, as the value of a node."""
+def _magnitudes(op: O.Op, in_shapes, inputs: list[Affine]
+                ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Rounding scales of op(inputs) (see :class:`Affine`): |lin| applied to the inputs'
+    row scales, base by base, and |op| to their bias scales. The row scales keep their
+    autograd history back to each base's vector of ones (:func:`build_affine_dag` takes
+    the column scales from it)."""
+    abs_lin, abs_op = magnitude_op(linear_part(op)), magnitude_op(op)
+    with torch.no_grad():
+        bias_mag = evaluate.apply(abs_op, *(a.bias_mag.reshape(s) for a, s in
+                                            zip(inputs, in_shapes, strict=True))).reshape(-1)
+    row_mag = {}
+    with torch.enable_grad():
+        for j in sorted({j for a in inputs for j in a.row_mag}):
+            vecs = [a.row_mag[j].reshape(s) if j in a.row_mag else
+                    torch.zeros(s, dtype=torch.float64)
+                    for a, s in zip(inputs, in_shapes, strict=True)]
+            row_mag[j] = evaluate.apply(abs_lin, *vecs).reshape(-1)
+    return row_mag, bias_mag
+
+
+def _identity(size: int, base: int, ones: torch.Tensor | None = None) -> Affine:
+    """B_base itself, as the value of a node (``ones``: the leaf its row scale grows from)."""
+    ones = torch.ones(size, dtype=torch.float64) if ones is None else ones
     return Affine({base: torch.eye(size, dtype=torch.float64)},
-                  torch.zeros(size, dtype=torch.float64), {base: L.identity(size)})
+                  torch.zeros(size, dtype=torch.float64), {base: L.identity(size)},
+                  {base: ones}, {base: torch.ones(size, dtype=torch.float64)},
+                  torch.zeros(size, dtype=torch.float64))
+
+
+def _with_column_scales(a: Affine, leaves: dict[int, torch.Tensor]) -> Affine:
+    """``a`` with col_mag[j] = |A_L|...|A_1|^T 1, the gradient of sum(row_mag[j]) with
+    respect to base j's vector of ones (the row scale is linear in it), and every scale
+    detached from autograd."""
+    col_mag = {}
+    for j, v in a.row_mag.items():
+        leaf = leaves[j]
+        if v is leaf:
+            col_mag[j] = torch.ones_like(leaf).detach()
+            continue
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(v.sum(), leaf, retain_graph=True, allow_unused=True)
+        col_mag[j] = torch.zeros_like(leaf).detach() if grad is None else grad.detach()
+    return Affine(a.maps, a.bias, a.ops, {j: v.detach() for j, v in a.row_mag.items()},
+                  col_mag, a.bias_mag)
 
 
 def flat_group_sort(op: O.GroupSort, shape: tuple[int, ...]) -> O.GroupSort:
@@ -175,19 +302,25 @@ def build_affine_dag(graph: Graph, method: str, max_entries: int = MAX_ENTRIES) 
     """Unroll ``graph`` into an :class:`AffineDag`; ops other than linear ones and elementwise
     activations are refused by node name."""
     n0 = int(np.prod(graph.input_shape))
-    values: dict[str, Affine] = {graph.input: _identity(n0, 0)}
+    leaves = {0: torch.ones(n0, dtype=torch.float64, requires_grad=True)}
+    values: dict[str, Affine] = {graph.input: _identity(n0, 0, leaves[0])}
+    depths: dict[str, int] = {graph.input: 0}
     sizes, acts, pre, sources = [n0], [], [], []
     total = n0 * n0
+    depth, largest = 1, n0
     for node in graph.nodes:
         op = node.op
         size = int(np.prod(node.shape))
+        largest = max(largest, size)
         if isinstance(op, (*_ACTIVATIONS, O.GroupSort)):
             k = len(sizes)
-            pre.append(values[node.inputs[0]])
+            pre.append(_with_column_scales(values[node.inputs[0]], leaves))
             acts.append(flat_group_sort(op, node.shape) if isinstance(op, O.GroupSort) else op)
             sizes.append(size)
             sources.append(node.source)
-            values[node.output] = _identity(size, k)
+            leaves[k] = torch.ones(size, dtype=torch.float64, requires_grad=True)
+            values[node.output] = _identity(size, k, leaves[k])
+            depths[node.output] = 0
             continue
         if not isinstance(op, LINEAR_OPS):
             raise MethodNotApplicable(
@@ -201,8 +334,11 @@ def build_affine_dag(graph: Graph, method: str, max_entries: int = MAX_ENTRIES) 
                 "-o max_entries=N if memory allows")
         values[node.output] = _apply_linear(op, node.shape,
                                             [graph.shape_of(i) for i in node.inputs], inputs)
+        depths[node.output] = 1 + max(depths[i] for i in node.inputs)
+        depth = max(depth, depths[node.output])
         total += values[node.output].entries
-    return AffineDag(sizes, acts, pre, values[graph.output], sources)
+    out = _with_column_scales(values[graph.output], leaves)
+    return AffineDag(sizes, acts, pre, out, sources, depth=depth, largest=largest)
 
 
 _DAG_CACHE: list[tuple[weakref.ref, str, int, AffineDag]] = []

@@ -51,18 +51,36 @@ def comparator_stages(g: int) -> list[list[tuple[int, int]]]:
     return stages
 
 
-def _compose(affine: Affine, values: dict[int, Affine], size: int) -> Affine:
-    """``affine`` (over the old bases) rewritten over the new ones: sum_j M_j value_j."""
+def _compose(affine: Affine, values: dict[int, Affine], exact: dict[int, set[int]],
+             size: int) -> Affine:
+    """``affine`` (over the old bases) rewritten over the new ones: sum_j M_j value_j, with
+    rounding scales (:class:`~.lowering.Affine`) that compose affine's with value_j's:
+    where value_j's map on base i is exact (``exact[j]``: identities and the 0/+-1 matrices
+    of the network), columns |E|^T col_mag_j; else at most the largest col_mag_j times
+    value_j's own; rows at most row_mag_j times the largest row scale of value_j."""
     bias = affine.bias.clone()
+    bias_mag = affine.bias_mag.clone()
     maps: dict[int, torch.Tensor] = {}
+    row_mag: dict[int, torch.Tensor] = {}
+    col_mag: dict[int, torch.Tensor] = {}
+
+    def add(d: dict[int, torch.Tensor], i: int, t: torch.Tensor) -> None:
+        d[i] = d[i] + t if i in d else t
+
     for j, m in affine.maps.items():
         value = values[j]
         bias = bias + m @ value.bias
         for i, e in value.maps.items():
-            term = m if _is_identity(e) else m @ e
-            maps[i] = maps[i] + term if i in maps else term
+            add(maps, i, m if _is_identity(e) else m @ e)
+    for j, rows in affine.row_mag.items():
+        value = values[j]
+        bias_mag = bias_mag + rows * value.bias_mag.max()
+        for i, v in value.row_mag.items():
+            add(row_mag, i, rows * v.max())
+            add(col_mag, i, affine.col_mag[j] @ value.maps[i].abs() if i in exact[j] else
+                affine.col_mag[j].max() * value.col_mag[i])
     assert bias.numel() == size
-    return Affine(maps, bias)
+    return Affine(maps, bias, {}, row_mag, col_mag, bias_mag)
 
 
 def _is_identity(e: torch.Tensor) -> bool:
@@ -90,32 +108,42 @@ def expand_group_sorts(dag: AffineDag) -> AffineDag:
     if not any(isinstance(op, O.GroupSort) for op in dag.acts):
         return dag
     n0, device = dag.sizes[0], dag.device
-    values: dict[int, Affine] = {0: Affine({0: torch.eye(n0, dtype=torch.float64, device=device)},
-                                           torch.zeros(n0, dtype=torch.float64, device=device))}
+    values: dict[int, Affine] = {0: Affine.exact(
+        {0: torch.eye(n0, dtype=torch.float64, device=device)},
+        torch.zeros(n0, dtype=torch.float64, device=device))}
+    exact: dict[int, set[int]] = {0: {0}}
     sizes, acts, pre, sources = [n0], [], [], []
     for k, op in enumerate(dag.acts, start=1):
-        z = _compose(dag.pre[k - 1], values, dag.sizes[k])
+        z = _compose(dag.pre[k - 1], values, exact, dag.sizes[k])
         if not isinstance(op, O.GroupSort):
-            values[k] = Affine({len(sizes): torch.eye(dag.sizes[k], dtype=torch.float64,
-                                                      device=device)},
-                               torch.zeros(dag.sizes[k], dtype=torch.float64, device=device))
+            values[k] = Affine.exact(
+                {len(sizes): torch.eye(dag.sizes[k], dtype=torch.float64, device=device)},
+                torch.zeros(dag.sizes[k], dtype=torch.float64, device=device))
+            exact[k] = {len(sizes)}
             sizes.append(dag.sizes[k])
             acts.append(op)
             pre.append(z)
             sources.append(dag.sources[k - 1])
             continue
-        v = z
+        v, exact[k] = z, set()
         stages = comparator_stages(op.groups.shape[1])
         for s, stage in enumerate(stages, start=1):
             d, e = _pair_matrices(op.groups, stage, dag.sizes[k], device)
-            pre.append(Affine({i: d @ m for i, m in v.maps.items()}, d @ v.bias))
+            pre.append(v.then(d))
             acts.append(O.Relu())
             sources.append(f"{dag.sources[k - 1]} (compare-exchange stage {s}/{len(stages)})")
-            v = Affine({**v.maps, len(sizes): e}, v.bias)
+            v = Affine({**v.maps, len(sizes): e}, v.bias, {},
+                       {**v.row_mag, len(sizes): e.abs().sum(1)},
+                       {**v.col_mag, len(sizes): e.abs().sum(0)}, v.bias_mag)
+            exact[k].add(len(sizes))
             sizes.append(d.shape[0])
         values[k] = v
-    out = _compose(dag.out, values, dag.out.bias.numel())
-    return AffineDag(sizes, acts, pre, out, sources)
+    out = _compose(dag.out, values, exact, dag.out.bias.numel())
+    # every stage composes one more product into the maps after it, and _compose one more
+    stages = max(len(comparator_stages(op.groups.shape[1])) for op in dag.acts
+                 if isinstance(op, O.GroupSort))
+    depth, largest = dag.deeper(stages + 2, max(sizes))
+    return AffineDag(sizes, acts, pre, out, sources, depth=depth, largest=largest)
 
 
 _CACHE: list[tuple[weakref.ref, AffineDag]] = []

@@ -40,7 +40,7 @@ from ...ir.lowering import Affine, AffineDag
 from ...soundness import checked_array, injections, poison
 from .factor import Factor
 from .optimized import optimized_crown
-from .relaxations import SLACK, Relaxation, needs_bounds, relax, widen
+from .relaxations import SLACK, Relaxation, input_scales, needs_bounds, relax
 
 INFEASIBLE_TOL = 1e-9
 
@@ -64,25 +64,60 @@ class ForwardBounds:
                              grow(self.infeasible))
 
 
-def _interval(affine: Affine, lows: list[torch.Tensor], ups: list[torch.Tensor]):
+def _interval(affine: Affine, lows: list[torch.Tensor], ups: list[torch.Tensor],
+              pad: torch.Tensor):
+    """Interval bounds of the affine value, widened by ``pad`` (D, size) for rounding."""
     lo = affine.bias.expand(lows[0].shape[0], -1).clone()
     hi = lo.clone()
     for j, m in affine.maps.items():
         mp, mn = m.clamp(min=0).T, m.clamp(max=0).T
         lo = lo + lows[j] @ mp + ups[j] @ mn
         hi = hi + ups[j] @ mp + lows[j] @ mn
-    return lo, hi
+    return lo - pad, hi + pad
+
+
+def weighted(p: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """|p| @ weight per row: p (r, n) or (D, r, n), weight (D, n) -> (D, r), without a copy
+    of |p| (|p| = 2 p+ - p)."""
+    if p.dim() == 2:
+        return 2.0 * (weight @ p.clamp(min=0).T) - weight @ p.T
+    w = weight[..., None]
+    return (2.0 * (p.clamp(min=0) @ w) - p @ w)[..., 0]
+
+
+def rounding_weights(r: Relaxation, magnitude: torch.Tensor, slack: float) -> torch.Tensor:
+    """Pad per unit of |p| for one backward-substitution step p v <= W z + (intercepts),
+    v = sigma(z) relaxed by ``r``, z = sum_i M_i u_i + c with ``magnitude`` (D, n) bounding
+    the terms summed into z (representation error included, see Affine.magnitude). With
+    |W| <= |p| s (s the largest |slope|), the rounding of W's entries, of the products
+    W M_i and W c (gamma_N |W| |M| |u|, Higham, Lemma 3.1, computed or replayed) and of
+    the map's own representation add up to at most slack |p| s (2 magnitude); the
+    intercept dot products to slack |p| 3 max|i|; adding p into the coefficients of v to
+    slack |p| max|v|. Summing these over the steps is an a-posteriori bound on the whole
+    pass: each step starts from the coefficients as computed."""
+    slope = torch.maximum(torch.maximum(r.sl.abs(), r.su.abs()),
+                          torch.maximum(r.dl.abs(), r.du.abs()))
+    icpt = torch.maximum(r.il.abs(), r.iu.abs())
+    value = torch.maximum(r.bl.abs(), r.bu.abs())
+    return slack * (2.0 * slope * magnitude + 3.0 * icpt + value)
 
 
 def substitute(p: torch.Tensor, lo: tuple[torch.Tensor, torch.Tensor],
                hi: tuple[torch.Tensor, torch.Tensor], offset: torch.Tensor,
-               targets: dict[int, Factor]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+               targets: dict[int, Factor], rounding: torch.Tensor
+               ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """One step of backward substitution for an upper bound of p v.
 
     ``p`` holds coefficients on v, shape (r, n) (shared by the batch) or (D, r, n); v obeys
     lo[0] w + lo[1] <= v <= hi[0] w + hi[1] ((D, n) each) and w = offset + sum_i T_i u_i.
-    Returns the constant (D, r) and the coefficients on each u_i.
+    Returns the constant (D, r), raised by |p| @ ``rounding`` (:func:`rounding_weights`),
+    and the coefficients on each u_i.
     """
+    const, out = _substitute(p, lo, hi, offset, targets)
+    return const + weighted(p, rounding), out
+
+
+def _substitute(p, lo, hi, offset, targets):
     pp = p.clamp(min=0)
     (s_lo, i_lo), (s_hi, i_hi) = lo, hi
     if offset.dim() == 1:
@@ -117,12 +152,15 @@ def _accumulate(coeffs: dict[int, torch.Tensor], new: dict[int, torch.Tensor]) -
 def crown_max(dag: AffineDag, k: int, sign: float, relaxes: list[Relaxation],
                xl: torch.Tensor, xu: torch.Tensor, rows: torch.Tensor,
                record: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
-    """Upper bound of sign * z_k[rows] over the box, by backward substitution (CROWN).
-    ``record``: filled with the coefficients on each activation's output B_j that the pass
-    met, (r, n_j) or (D, r, n_j)."""
+    """Upper bound of sign * z_k[rows] over the box, by backward substitution (CROWN), with
+    float64 rounding accounted for (:func:`rounding_weights`; the first step's pad is
+    z_k's own representation error). ``record``: filled with the coefficients on each
+    activation's output B_j that the pass met, (r, n_j) or (D, r, n_j)."""
     aff = dag.pre[k - 1]
+    scales = input_scales(relaxes, xl, xu, k)
     coeffs: dict[int, torch.Tensor] = {j: sign * m[rows] for j, m in aff.maps.items()}
     const = (sign * aff.bias[rows]).expand(xl.shape[0], -1)
+    const = const + dag.slack * aff.magnitude(scales)[:, rows]
     for j in range(k - 1, 0, -1):
         a = coeffs.pop(j, None)
         if a is None:
@@ -131,12 +169,13 @@ def crown_max(dag: AffineDag, k: int, sign: float, relaxes: list[Relaxation],
             record[j] = a
         r, pre = relaxes[j - 1], dag.pre[j - 1]
         step, new = substitute(a, (r.sl, r.il), (r.su, r.iu), pre.bias,
-                               {i: Factor.of(pre, i) for i in pre.maps})
+                               {i: Factor.of(pre, i) for i in pre.maps}, r.rounding)
         const = const + step
         _accumulate(coeffs, new)
     a0 = coeffs.get(0)
     if a0 is None:
         return const
+    const = const + dag.slack * weighted(a0, scales[0])
     if a0.dim() == 2:
         return const + xu @ a0.clamp(min=0).T + xl @ a0.clamp(max=0).T
     return const + (a0.clamp(min=0) @ xu[..., None] + a0.clamp(max=0) @ xl[..., None])[..., 0]
@@ -144,8 +183,8 @@ def crown_max(dag: AffineDag, k: int, sign: float, relaxes: list[Relaxation],
 
 def _tighten(zl: torch.Tensor, zu: torch.Tensor, rows: torch.Tensor,
              found: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """[zl, zu] intersected on ``rows`` with the bounds ``found`` (widened for rounding)."""
-    cl, cu = widen(*found)
+    """[zl, zu] intersected on ``rows`` with the bounds ``found`` (rounding accounted)."""
+    cl, cu = found
     zl, zu = zl.clone(), zu.clone()
     zl[:, rows] = torch.maximum(zl[:, rows], cl)
     zu[:, rows] = torch.minimum(zu[:, rows], cu)
@@ -164,11 +203,13 @@ def forward_bounds(dag: AffineDag, xl: torch.Tensor, xu: torch.Tensor,
     after ``deadline`` (a time.perf_counter() value)."""
     d = xl.shape[0]
     lows, ups = [xl], [xu]
+    scales = [torch.maximum(xl.abs(), xu.abs())]
     zls, zus, relaxes = [], [], []
     infeasible = torch.zeros(d, dtype=torch.bool, device=xl.device)
     for k in range(1, dag.n_acts + 1):
         aff = dag.pre[k - 1]
-        zl, zu = widen(*_interval(aff, lows, ups))
+        magnitude = aff.magnitude(scales)
+        zl, zu = _interval(aff, lows, ups, dag.slack * magnitude)
         if prior is not None:
             zl, zu = torch.maximum(zl, prior[0][k - 1]), torch.minimum(zu, prior[1][k - 1])
         act = dag.acts[k - 1]
@@ -201,6 +242,9 @@ def forward_bounds(dag: AffineDag, xl: torch.Tensor, xu: torch.Tensor,
         checked_array(zl, f"the lower pre-activation bounds of activation {k}")
         checked_array(zu, f"the upper pre-activation bounds of activation {k}")
         r = relax(dag.acts[k - 1], zl, zu, split)
+        r.magnitude = magnitude
+        r.rounding = rounding_weights(r, magnitude, dag.slack)
+        scales.append(torch.maximum(r.bl.abs(), r.bu.abs()))
         zls.append(zl)
         zus.append(zu)
         relaxes.append(r)
@@ -246,42 +290,68 @@ class JacobianBound:
 
 
 class _Adjoint:
-    """The adjoint (gradient) recursion of one AffineDag for a batch of functionals c."""
+    """The adjoint (gradient) recursion of one AffineDag for a batch of functionals c.
+
+    Rounding: t_k = M_out,k^T c + sum_m M_mk^T y_m is computed from the DAG's maps, whose
+    own error and whose products' errors are at most slack times ``magnitude[k]``
+    (|t_k|'s terms: |c M_out,k| and, through the maps' column scales, max|c| col_mag and
+    max|y_m| col_mag, for every m whose value reads base k, even where its computed map is
+    zero); every interval and linear bound of t_k is widened by that."""
 
     def __init__(self, dag: AffineDag, fwd: ForwardBounds, c: torch.Tensor):
         self.dag, self.fwd = dag, fwd
         k_max = dag.n_acts
         self.users: list[list[int]] = [[] for _ in range(k_max + 1)]
+        self.readers: list[list[int]] = [[] for _ in range(k_max + 1)]  # maps or scales
         for m in range(1, k_max + 1):
             for j in dag.pre[m - 1].maps:
                 self.users[j].append(m)
+            for j in dag.pre[m - 1].col_mag:
+                self.readers[j].append(m)
         d = c.shape[0]
         self.const = [c @ dag.out.maps[k] if k in dag.out.maps else
                       torch.zeros(d, dag.sizes[k], dtype=c.dtype, device=c.device)
                       for k in range(k_max + 1)]
+        c_max = c.abs().amax(-1, keepdim=True)
+        self.const_magnitude = [self.const[k].abs() + c_max * dag.out.col_mag[k]
+                                if k in dag.out.col_mag else self.const[k].abs()
+                                for k in range(k_max + 1)]
+        self.magnitude: dict[int, torch.Tensor] = {}  # k -> (D, n_k), set by interval(k)
         self.ylo: dict[int, torch.Tensor] = {}
         self.yhi: dict[int, torch.Tensor] = {}
         self.lines: dict[int, tuple[torch.Tensor, ...]] = {}  # m -> (al, bl, au, bu)
+        self.rounding: dict[int, torch.Tensor] = {}  # m -> pad per unit of |p| on y_m
         self.t_bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def interval(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Interval bounds of t_k, widened for rounding (fixes ``magnitude[k]``: every
+        y_m it reads is relaxed already)."""
         lo, hi = self.const[k].clone(), self.const[k].clone()
         for m in self.users[k]:
             mt = self.dag.pre[m - 1].maps[k]
             mp, mn = mt.clamp(min=0), mt.clamp(max=0)
             lo = lo + self.ylo[m] @ mp + self.yhi[m] @ mn
             hi = hi + self.yhi[m] @ mp + self.ylo[m] @ mn
-        return lo, hi
+        magnitude = self.const_magnitude[k]
+        for m in self.readers[k]:
+            y_max = torch.maximum(self.ylo[m].abs(), self.yhi[m].abs()).amax(-1, keepdim=True)
+            magnitude = magnitude + y_max * self.dag.pre[m - 1].col_mag[k]
+        self.magnitude[k] = magnitude
+        pad = self.dag.slack * magnitude
+        return lo - pad, hi + pad
 
     def upper(self, k: int, q: torch.Tensor | float, keep: bool = False,
               rows: torch.Tensor | None = None):
-        """Upper bound of q t_k by backward substitution; q is (D, r, n_k) or (r, n_k), or
-        a number s for s t_k[rows] (the rows of s times the identity)."""
+        """Upper bound of q t_k by backward substitution, rounding accounted for; q is
+        (D, r, n_k) or (r, n_k), or a number s for s t_k[rows] (the rows of s times the
+        identity). Needs :meth:`interval` of k first (t_k's magnitude)."""
+        slack = self.dag.slack
         if isinstance(q, float):
-            const = q * self.const[k][:, rows]
+            const = q * self.const[k][:, rows] + abs(q) * slack * self.magnitude[k][:, rows]
             coeffs = {m: q * self.dag.pre[m - 1].maps[k].T[rows] for m in self.users[k]}
         else:
-            const = (q @ self.const[k][..., None])[..., 0]
+            const = (q @ self.const[k][..., None])[..., 0] + weighted(
+                q, slack * self.magnitude[k])
             coeffs = {m: Factor.of(self.dag.pre[m - 1], k, transposed=True).right(q)
                       for m in self.users[k]}
         kept: dict[int, torch.Tensor] = {}
@@ -293,13 +363,14 @@ class _Adjoint:
             al, bl, au, bu = self.lines[m]
             targets = {m2: Factor.of(self.dag.pre[m2 - 1], m, transposed=True)
                        for m2 in self.users[m]}
-            step, new = substitute(p, (al, bl), (au, bu), self.const[m], targets)
+            step, new = substitute(p, (al, bl), (au, bu), self.const[m], targets,
+                                   self.rounding[m])
             const = const + step
             _accumulate(coeffs, new)
         return (const, kept) if keep else const
 
     def bounds(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        lo, hi = widen(*self.interval(k))
+        lo, hi = self.interval(k)
         # Linear propagation beats intervals only through a product y_m = d_m t_m whose
         # factor t_m is not a constant (t_m is constant when nothing consumes B_m but f).
         if any(self.users[m] for m in self.users[k]):
@@ -310,7 +381,7 @@ class _Adjoint:
                     torch.nonzero((self.fwd.relax[k - 1].dl != self.fwd.relax[k - 1].du)
                                   .any(0)).reshape(-1))
             if rows.numel():
-                cl, cu = widen(-self.upper(k, -1.0, rows=rows), self.upper(k, 1.0, rows=rows))
+                cl, cu = -self.upper(k, -1.0, rows=rows), self.upper(k, 1.0, rows=rows)
                 lo, hi = lo.clone(), hi.clone()
                 lo[:, rows] = torch.maximum(lo[:, rows], cl)
                 hi[:, rows] = torch.minimum(hi[:, rows], cu)
@@ -334,6 +405,12 @@ class _Adjoint:
         self.lines[m] = (al, bl - pad, au, bu + pad)
         self.ylo[m] = torch.minimum(lo_l, lo_u) - pad
         self.yhi[m] = torch.maximum(hi_l, hi_u) + pad
+        # as rounding_weights, for y_m's lines over t_m (t_m's magnitude from interval(m))
+        slope = torch.maximum(al.abs(), au.abs())
+        icpt = torch.maximum((bl - pad).abs(), (bu + pad).abs())
+        value = torch.maximum(self.ylo[m].abs(), self.yhi[m].abs())
+        self.rounding[m] = self.dag.slack * (2.0 * slope * self.magnitude[m] + 3.0 * icpt
+                                             + value)
 
 
 def jacobian_bound(dag: AffineDag, fwd: ForwardBounds, c: torch.Tensor,
@@ -358,10 +435,13 @@ def jacobian_bound(dag: AffineDag, fwd: ForwardBounds, c: torch.Tensor,
     icpt = abs_l - slope * gl
     icpt = icpt + SLACK * (1 + slope.abs()) * torch.maximum(abs_l, abs_u)
     linear, kept = adj.upper(0, slope[:, None, :], keep=True)
-    upper = torch.minimum(linear[:, 0] + icpt.sum(-1), torch.maximum(abs_l, abs_u).sum(-1))
+    # sums of n_0 nonnegative terms: relative rounding gamma_n0 < slack
+    grow = 1 + dag.slack
+    upper = torch.minimum(linear[:, 0] + icpt.sum(-1) * grow,
+                          torch.maximum(abs_l, abs_u).sum(-1) * grow)
     if norm == "2":
         peak = torch.maximum(abs_l, abs_u)
-        l2 = torch.sqrt((peak * peak).sum(-1)) * (1 + 4 * SLACK)
+        l2 = torch.sqrt((peak * peak).sum(-1)) * (grow + 4 * SLACK)
         upper = torch.minimum(upper, l2)
     upper = checked_array(upper * (1 + SLACK * dag.n_acts * 4), "the local Lipschitz bound",
                           nonnegative=True)
@@ -404,6 +484,7 @@ def gradient_cap(dag: AffineDag, c: torch.Tensor, norm: str = "inf") -> torch.Te
     def q_norm(v: torch.Tensor) -> torch.Tensor:
         return v.sum(-1) if norm == "inf" else torch.sqrt((v * v).sum(-1)) * (1 + 4 * SLACK)
 
+    slack, readers = dag.slack, _readers(dag)
     for k in range(k_max, -1, -1):
         if k in dag.out.maps:
             t = (c @ dag.out.maps[k]).abs()
@@ -411,13 +492,20 @@ def gradient_cap(dag: AffineDag, c: torch.Tensor, norm: str = "inf") -> torch.Te
         else:
             t = torch.zeros(c.shape[0], dag.sizes[k], dtype=c.dtype, device=c.device)
             mass = torch.zeros(c.shape[0], dtype=c.dtype, device=c.device)
+        if k in dag.out.col_mag:  # the maps' representation error (Affine's scales)
+            extra = slack * c.abs().amax(-1, keepdim=True) * dag.out.col_mag[k]
+            t, mass = t + extra, mass + q_norm(extra)
         for m in users[k]:
             a = dag.pre[m - 1].maps[k]
             t = t + y[m] @ a.abs()
             mass = mass + y_mass[m] * _operator_norm(a, norm)
+        for m in readers[k]:
+            pre = dag.pre[m - 1]
+            t = t + slack * y[m].amax(-1, keepdim=True) * pre.col_mag[k]
+            mass = mass + y_mass[m] * slack * _scale_norm(pre, k, norm)
         mass = torch.minimum(mass, q_norm(t))
         if k == 0:
-            return checked_array(mass * (1 + SLACK * (k_max + 1) * 4),
+            return checked_array(mass * (1 + (slack + 4 * SLACK) * (k_max + 1)),
                                  "the local gradient cap", nonnegative=True)
         op = dag.acts[k - 1]
         if isinstance(op, O.GroupSort):
@@ -440,12 +528,17 @@ def jacobian_norm_cap(dag: AffineDag) -> float:
     k_max = dag.n_acts
     users = _users(dag)
     y_mass: dict[int, float] = {}
+    slack, readers = dag.slack, _readers(dag)
     for k in range(k_max, -1, -1):
         mass = _operator_norm(dag.out.maps[k], "2") if k in dag.out.maps else 0.0
+        if k in dag.out.col_mag:
+            mass += slack * _scale_norm(dag.out, k, "2")
         for m in users[k]:
             mass += y_mass[m] * _operator_norm(dag.pre[m - 1].maps[k], "2")
+        for m in readers[k]:
+            mass += y_mass[m] * slack * _scale_norm(dag.pre[m - 1], k, "2")
         if k == 0:
-            return mass * (1 + SLACK * (k_max + 1) * 4)
+            return mass * (1 + (slack + 4 * SLACK) * (k_max + 1))
         op = dag.acts[k - 1]
         lo, hi = (-1.0, 1.0) if isinstance(op, O.GroupSort) else O.slope_range(op)
         y_mass[k] = mass * max(abs(lo), abs(hi))
@@ -459,6 +552,26 @@ def _users(dag: AffineDag) -> list[list[int]]:
         for j in dag.pre[m - 1].maps:
             users[j].append(m)
     return users
+
+
+def _readers(dag: AffineDag) -> list[list[int]]:
+    """For each base j, the activations whose pre-activation has rounding scales on it
+    (a superset of :func:`_users`: a map computed as zero still has an error bound)."""
+    readers: list[list[int]] = [[] for _ in range(dag.n_acts + 1)]
+    for m in range(1, dag.n_acts + 1):
+        for j in dag.pre[m - 1].col_mag:
+            readers[j].append(m)
+    return readers
+
+
+def _scale_norm(affine: Affine, j: int, norm: str) -> float:
+    """A bound on ||E^T|| (q -> q, as :func:`_operator_norm`) for |E| <= the composed |A| of
+    affine's map on base j, from its row and column scales: the largest row sum for l1,
+    sqrt(largest row sum * largest column sum) for l2 (Higham, Lemma 6.6 / Hoelder)."""
+    if affine.row_mag[j].numel() == 0 or affine.col_mag[j].numel() == 0:
+        return 0.0
+    rows, cols = float(affine.row_mag[j].max()), float(affine.col_mag[j].max())
+    return rows if norm == "inf" else math.sqrt(rows * cols)
 
 
 def _operator_norm(m: torch.Tensor, norm: str) -> float:

@@ -33,11 +33,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ...ir.lowering import Affine, AffineDag
+from ...ir.lowering import AffineDag
 from ..common.devices import dot_product_arithmetic
 from .bab import Domain, best_neurons, stack_domains
 from .jacobian import ForwardBounds, crown_max, forward_bounds, root_forward_bounds
-from .optimized import MAGNITUDE_SLACK, optimized_crown
+from .optimized import optimized_crown
 from .relaxations import BRANCHABLE
 
 #: projected gradient (signed) steps of the counterexample search at the root
@@ -62,23 +62,9 @@ class MarginResult:
 def objective_dag(dag: AffineDag, c: torch.Tensor) -> AffineDag:
     """``dag`` with the functionals c (r, n_out) as one more pre-activation layer
     z_{K+1} = c f (no activation follows it: only backward substitution reads it)."""
-    out = Affine({j: c @ m for j, m in dag.out.maps.items()}, c @ dag.out.bias)
-    return AffineDag([*dag.sizes, c.shape[0]], list(dag.acts), [*dag.pre, out], dag.out,
-                     list(dag.sources))
-
-
-def _rounding_pad(ext: AffineDag, fwd: ForwardBounds, xl: torch.Tensor,
-                  xu: torch.Tensor) -> torch.Tensor:
-    """(D, r) pad for float64 rounding in the backward substitution: MAGNITUDE_SLACK times
-    the magnitude of the objective's terms, |c M_out| max(|bl|, |bu|) + |c b_out| summed
-    over its bases, once per layer the substitution passes through."""
-    top = ext.pre[-1]
-    scale = [torch.maximum(xl.abs(), xu.abs())] + [torch.maximum(r.bl.abs(), r.bu.abs())
-                                                   for r in fwd.relax]
-    mag = top.bias.abs().expand(xl.shape[0], -1).clone()
-    for j, m in top.maps.items():
-        mag = mag + scale[j] @ m.abs().T
-    return MAGNITUDE_SLACK * (1.0 + mag) * (1 + len(ext.pre))
+    depth, largest = dag.deeper(1, c.shape[0])
+    return AffineDag([*dag.sizes, c.shape[0]], list(dag.acts), [*dag.pre, dag.out.then(c)],
+                     dag.out, list(dag.sources), depth=depth, largest=largest)
 
 
 def objective_lower(ext: AffineDag, fwd: ForwardBounds, xl: torch.Tensor, xu: torch.Tensor,
@@ -87,7 +73,8 @@ def objective_lower(ext: AffineDag, fwd: ForwardBounds, xl: torch.Tensor, xu: to
                     record: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """(D, r) lower bounds of z_{K+1} = c f of :func:`objective_dag` over the boxes and
     splits of ``fwd``: CROWN, and with ``iterations`` > 0 the better of it and alpha/beta
-    optimisation; rounded down by :func:`_rounding_pad`. ``record``: CROWN's coefficients
+    optimisation; both account for float64 rounding (the objective's map c M_out is one
+    more product on the DAG: :func:`objective_dag`). ``record``: CROWN's coefficients
     (:func:`~.jacobian.crown_max`), which :func:`_branches` scores."""
     k = len(ext.pre)
     rows = torch.arange(ext.sizes[k], device=xl.device)
@@ -98,7 +85,6 @@ def objective_lower(ext: AffineDag, fwd: ForwardBounds, xl: torch.Tensor, xu: to
         found = optimized_crown(ext, k, fwd.relax, xl, xu, rows, padded, iterations, deadline)
         if found is not None:
             low = torch.fmax(low, found[0])  # NaN from one side leaves the other
-    low = low - _rounding_pad(ext, fwd, xl, xu)
     return torch.where(torch.isnan(low), torch.full_like(low, -math.inf), low)
 
 

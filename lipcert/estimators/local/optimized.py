@@ -28,16 +28,13 @@ import torch
 from ...ir import ops as O
 from ...ir.lowering import AffineDag
 from .factor import Factor
-from .relaxations import Relaxation
+from .relaxations import Relaxation, input_scales
 
 #: Adam's step size (slopes lie in [p, q], multipliers are scaled to order 1), shrunk by
 #: DECAY per step: the bounds are piecewise linear in the parameters, and a constant step
 #: would circle the kink where a bound is smallest
 STEP = 0.3
 DECAY = 0.95
-#: rounding pad per unit of the summed terms' magnitude (n u for sums of up to ~1e5
-#: float64 terms, with room)
-MAGNITUDE_SLACK = 1e-10
 #: steps without gain after which the optimisation stops early
 PATIENCE = 6
 
@@ -72,9 +69,12 @@ def _upper(dag: AffineDag, k: int, relaxes: list[Relaxation], xl: torch.Tensor,
     aff = dag.pre[k - 1]
     w = start if k not in beta else start + beta[k] * signs[k][:, None, :]
     const = (w @ aff.bias[:, None])[..., 0]
-    # magnitude of the terms summed into the bound (the multipliers make terms that cancel):
-    # the rounding pad is relative to it, not only to the result
-    mag = (w.abs() @ aff.bias.abs()[:, None])[..., 0]
+    # magnitude of the terms whose rounding the bound must cover (the multipliers make terms
+    # that cancel, so the pad is relative to them, not to the result), as crown_max's
+    # rounding_weights but with the actual coefficients w on each z_j: |w| 2 magnitude_j
+    # (products through the maps, their representation), |p| 3 |intercepts|, |p| max|B_j|
+    scales = input_scales(relaxes, xl, xu, k)
+    mag = 2.0 * (w.abs() @ aff.magnitude(scales)[..., None])[..., 0]
     coeffs = {j: Factor.of(aff, j).right(w) for j in aff.maps}
     if record is not None and k in beta:
         record[k] = sum(t.abs().sum(-1) for t in coeffs.values())
@@ -93,11 +93,12 @@ def _upper(dag: AffineDag, k: int, relaxes: list[Relaxation], xl: torch.Tensor,
                                * r.unit_pad[:, None, :], i_lo)
         w = pp * r.su[:, None, :] + pn * s_lo
         const = const + (pp * r.iu[:, None, :]).sum(-1) + (pn * i_lo).sum(-1)
-        mag = mag + (pp * r.iu.abs()[:, None, :]).sum(-1) - (pn * i_lo.abs()).sum(-1)
+        mag = mag + 3.0 * ((pp * r.iu.abs()[:, None, :]).sum(-1) - (pn * i_lo.abs()).sum(-1))
+        mag = mag + (a.abs() @ scales[j][..., None])[..., 0]
         if j in beta:
             w = w + beta[j] * signs[j][:, None, :]
         const = const + (w @ pre.bias[:, None])[..., 0]
-        mag = mag + (w.abs() @ pre.bias.abs()[:, None])[..., 0]
+        mag = mag + 2.0 * (w.abs() @ r.magnitude[..., None])[..., 0]
         norm = 0.0
         for i in pre.maps:
             t = Factor.of(pre, i).right(w)
@@ -110,8 +111,8 @@ def _upper(dag: AffineDag, k: int, relaxes: list[Relaxation], xl: torch.Tensor,
     if a0 is not None:
         const = const + (a0.clamp(min=0) @ xu[..., None]
                          + a0.clamp(max=0) @ xl[..., None])[..., 0]
-        mag = mag + (a0.abs() @ torch.maximum(xl.abs(), xu.abs())[..., None])[..., 0]
-    return const + MAGNITUDE_SLACK * mag.detach()
+        mag = mag + (a0.abs() @ scales[0][..., None])[..., 0]
+    return const + dag.slack * mag.detach()
 
 
 def optimized_crown(dag: AffineDag, k: int, relaxes: list[Relaxation], xl: torch.Tensor,

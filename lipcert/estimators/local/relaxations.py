@@ -15,7 +15,9 @@ sigma(u) - [dmin, dmax] (u - z), whichever is tighter at the midpoint, with [dmi
 their derivative's range on [l, u]: sound for monotone and non-monotone ones alike, looser
 than tangent/chord pairs.
 
-All lines and bounds are widened by a relative ``SLACK`` for float64 rounding.
+Lines and bounds are widened by ``SLACK`` relative to the interval's own scale for the few
+elementwise operations that build them; the sums that produce the intervals are padded by
+the DAG's slack times their terms' magnitude (docs/ARCHITECTURE.md, "Rounding").
 """
 
 from __future__ import annotations
@@ -47,11 +49,19 @@ class Relaxation:
     # SLACK times the magnitude scale of the interval: a line through the kink with slope s
     # gets the pad (1 + |su| + |s|) * unit_pad, as relax() pads its own (set by relax())
     unit_pad: torch.Tensor | None = None
+    # rounding scales (set by forward_bounds, see jacobian.rounding_weights): ``magnitude``
+    # bounds the terms summed into z (the pre-activation), ``rounding`` is the pad per unit
+    # of |coefficient on B| that one backward-substitution step through this layer needs
+    magnitude: torch.Tensor | None = None
+    rounding: torch.Tensor | None = None
 
 
-def widen(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    pad = SLACK * torch.maximum(lo.abs(), hi.abs())
-    return lo - pad, hi + pad
+def input_scales(relaxes: list[Relaxation], xl: torch.Tensor, xu: torch.Tensor,
+                 k: int) -> list[torch.Tensor]:
+    """max |B_j| per domain and neuron for the bases j < k: the box, then each activation's
+    output bounds."""
+    return [torch.maximum(xl.abs(), xu.abs())] + [
+        torch.maximum(r.bl.abs(), r.bu.abs()) for r in relaxes[:k - 1]]
 
 
 def _two_piece(l, u, kappa, v, p, q, split):
