@@ -8,6 +8,7 @@ has an error far larger than its value."""
 from __future__ import annotations
 
 from fractions import Fraction
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from helpers import mlp_graph
 
 import lipcert
 from lipcert.errors import MethodNotApplicable
+from lipcert.estimators.local.bab import Domain, LocalProblem
 from lipcert.estimators.local.jacobian import forward_bounds, gradient_cap
 from lipcert.estimators.local.margin import objective_dag
 from lipcert.ir import ops as O
@@ -154,3 +156,33 @@ def test_local_bound_holds_where_rounding_hides_a_sliver(seed):
     graph = Graph("x", (1, n), "y", nodes)
     result = lipcert.bound(graph, "local", "inf", center=center, eps=eps, bab_time=0)
     assert result.upper >= float(np.abs(w).sum()) * (1 - 1e-12)
+
+
+def _two_neuron_problem():
+    """z_0 = x, z_1 = x + 0.5 on x in [-1, 1], then relu and their sum."""
+    graph = mlp_graph([np.array([[1.0], [1.0]]), np.ones((1, 2))],
+                      [np.array([0.0, 0.5]), np.zeros(1)], O.Relu())
+    dag = build_affine_dag(graph, "local")
+    return LocalProblem(dag, np.array([-1.0]), np.array([1.0]), np.ones((1, 1)))
+
+
+def _leaf(signs):
+    return Domain(0, [torch.tensor(signs, dtype=torch.int8)],
+                  [torch.tensor([-1.0, -0.5], dtype=torch.float64)],
+                  [torch.tensor([1.0, 1.5], dtype=torch.float64)], 0.0, None)
+
+
+def test_leaf_lp_prunes_a_pattern_only_with_a_checked_proof(monkeypatch):
+    problem = _two_neuron_problem()
+    assert problem.leaf_feasible(_leaf([1, -1])) == "empty"  # x >= 0 and x <= -0.5
+    assert problem.leaf_feasible(_leaf([1, 1])) == "interior"
+    # an LP that claims a negative margin without duals that prove it: kept, not pruned
+    import scipy.optimize
+
+    def claims_empty(c, A_ub, b_ub, bounds, method):
+        return SimpleNamespace(status=0, x=np.array([0.0, -1.0]),
+                               ineqlin=SimpleNamespace(marginals=np.zeros(len(b_ub))))
+
+    monkeypatch.setattr(scipy.optimize, "linprog", claims_empty)
+    assert problem.leaf_feasible(_leaf([1, 1])) == "boundary"
+    assert problem.leaf_feasible(_leaf([1, -1])) == "boundary"

@@ -35,6 +35,7 @@ import torch
 from ...errors import InternalCheckFailed
 from ...ir import ops as O
 from ...ir.lowering import AffineDag
+from ..common.rounding import gamma
 from .jacobian import ForwardBounds, forward_bounds, jacobian_bound, root_forward_bounds
 
 #: split domains get optimised bounds (alpha/beta) when a batch costs at most this many times
@@ -160,13 +161,14 @@ class LocalProblem:
         """LP over the box: can every split neuron be on its side? (exact at a leaf)
 
         Maximises the margin t of the split constraints sign * z_i + t * s_i <= 0 (s_i the
-        row's scale). ``"empty"`` when even a slightly negative margin is infeasible (the
-        pattern is dropped; the tolerance keeps thin but real regions), ``"interior"`` when
-        a positive margin is feasible: the pattern holds on an open set, so its gradient is
-        attained (a lower bound). ``"boundary"``: in between (e.g. only on a kink
-        hyperplane); its value still counts for the upper bound but is not attained there.
+        row's scale). ``"empty"`` only when the LP's optimum is negative *and* its dual
+        proves it (:meth:`_proved_empty`, in float64 with the forms' rounding errors): the
+        pattern is dropped. ``"interior"`` when a positive margin is feasible: the pattern
+        holds on an open set, so its gradient is attained (a lower bound). ``"boundary"``:
+        anything else (e.g. only on a kink hyperplane, or an LP that did not solve, or an
+        emptiness the dual does not prove); its value still counts for the upper bound.
         """
-        rows, rhs, scale = self._leaf_constraints(dom)
+        rows, rhs, scale, errors = self._leaf_constraints(dom)
         if not rows:
             return "interior"
         from scipy.optimize import linprog  # only when a leaf is checked
@@ -179,27 +181,56 @@ class LocalProblem:
         res = linprog(objective, A_ub=a_ub, b_ub=np.array(rhs), bounds=bounds,
                       method="highs")
         if res.status != 0 or res.x is None:  # not solved: keep it, never call it attained
-            return "empty" if res.status == 2 else "boundary"
+            return "boundary"
         margin = float(res.x[-1])
         if margin < -1e-9:
-            return "empty"
+            duals = getattr(getattr(res, "ineqlin", None), "marginals", None)
+            proved = duals is not None and self._proved_empty(
+                np.array(rows), np.array(rhs), np.array(errors), -np.asarray(duals))
+            return "empty" if proved else "boundary"
         return "interior" if margin > 1e-9 and bool(np.all(xu > xl)) else "boundary"
 
-    def _leaf_constraints(self, dom: Domain) -> tuple[list, list, list]:
-        """sign * (a x + b) <= 0 for every split neuron, as rows a, right-hand sides and
-        row scales (1 + |b| + ||a||_1), with the exact affine forms of the leaf's pattern."""
+    def _proved_empty(self, rows: np.ndarray, rhs: np.ndarray, errors: np.ndarray,
+                      y: np.ndarray) -> bool:
+        """Farkas-type certificate that no x in the box has g_i(x) = rows_i x - rhs_i <= 0
+        for every i: with y >= 0 (the LP's duals, clipped), min over the box of
+        sum_i y_i g_i(x) > 0, checked in float64 with its rounding (4 gamma_{m+n+4} times the
+        terms' magnitude, Higham Lemma 3.1) and the forms' own errors (``errors``: bounds
+        on |exact - computed| of each g_i on the box). Written so that NaN fails."""
+        y = np.where(np.isfinite(y), np.maximum(y, 0.0), 0.0)
+        xl, xu = self.host_box
+        c = y @ rows
+        value = float(np.minimum(c * xl, c * xu).sum() - y @ rhs)
+        x_max = np.maximum(np.abs(xl), np.abs(xu))
+        terms = float(y @ (np.abs(rows) @ x_max + np.abs(rhs)))
+        pad = 4.0 * gamma(rows.shape[0] + rows.shape[1] + 4) * terms + float(y @ errors)
+        return bool(value - pad > 0)
+
+    def _leaf_constraints(self, dom: Domain) -> tuple[list, list, list, list]:
+        """sign * (a x + b) <= 0 for every split neuron, as rows a, right-hand sides, row
+        scales (1 + |b| + ||a||_1) and bounds on each row's rounding error over the box,
+        with the affine forms of the leaf's pattern (computed in float64: each form's error
+        is the DAG's slack times its terms' magnitude, from the maps' rounding scales, plus
+        the errors of the forms it reads through |M|)."""
         dag = self.host_dag
         n0 = dag.sizes[0]
+        x_max = np.maximum(np.abs(self.host_box[0]), np.abs(self.host_box[1]))
         forms = [(np.eye(n0), np.zeros(n0))]
-        rows, rhs, scale = [], [], []
+        errors = [np.zeros(n0)]  # |exact - computed| of each base's form on the box
+        sizes = [x_max]  # |computed form| on the box, per neuron
+        rows, rhs, scale, row_errors = [], [], [], []
         for k in range(1, dag.n_acts + 1):
             aff = dag.pre[k - 1]
             a = np.zeros((dag.sizes[k], n0))
             b = aff.bias.numpy().copy()
+            err = dag.slack * aff.bias_mag.numpy()
             for j, m in aff.maps.items():
                 mj = m.numpy()
                 a += mj @ forms[j][0]
                 b += mj @ forms[j][1]
+                err = err + (np.abs(mj) @ errors[j]) * (1 + dag.slack)
+            for j, v in aff.row_mag.items():  # products and representation of the maps
+                err = err + dag.slack * v.numpy() * float((sizes[j] + errors[j]).max())
             op = dag.acts[k - 1]
             lo, hi = dom.zl[k - 1].cpu().numpy(), dom.zu[k - 1].cpu().numpy()
             alpha = op.alpha if isinstance(op, O.LeakyRelu) else 0.0
@@ -212,8 +243,12 @@ class LocalProblem:
                 rows.append(sign * a[idx])
                 rhs.append(-sign * b[idx])
                 scale.append(row_scale[idx])
+                row_errors.append(err[idx])
             forms.append((slope[:, None] * a, slope * b))
-        return rows, rhs, scale
+            size = np.abs(a) @ x_max + np.abs(b)
+            errors.append(np.abs(slope) * (err + dag.slack * size))
+            sizes.append(np.abs(slope) * size)
+        return rows, rhs, scale, row_errors
 
 
 def _infeasible(value: float) -> bool:
