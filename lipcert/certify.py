@@ -48,12 +48,12 @@ from .data import read_arrays
 from .errors import InputError, InternalCheckFailed, MethodNotApplicable
 from .estimators import Bound, Estimator, get_estimator, run_estimator
 from .estimators.common.region import box_from_options, parse_domain, parse_eps
-from .estimators.common.rounding import add_up, mul_up, sqrt_up, up
 from .ir import evaluate
 from .ir import ops as O
 from .ir.graph import Graph, Node
 from .ir.passes import canonicalize
 from .parallel import RayCluster, run_samples
+from .rounding import add_up, mul_up, sqrt_up, up
 from .selfcheck import check_boxes, check_certified, check_upper
 from .soundness import checked_array, poison
 

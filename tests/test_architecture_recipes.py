@@ -16,9 +16,9 @@ import lipcert
 from lipcert.errors import InputError
 from lipcert.estimators import base
 from lipcert.estimators.base import Bound, Estimator
-from lipcert.estimators.common.rounding import mul_up
 from lipcert.estimators.settings import setting
 from lipcert.ir import ops as O
+from lipcert.rounding import mul_up
 from lipcert.soundness import checked
 
 

@@ -14,9 +14,9 @@ from typing import Any, ClassVar
 
 from ..errors import InputError, InternalCheckFailed, MethodNotApplicable
 from ..ir.graph import Graph, Node
+from ..rounding import float32_execution_margin, mul_up
 from ..soundness import checked
 from .common.progress import report, reporting
-from .common.rounding import float32_execution_margin, mul_up
 from .settings import NoSettings, merged_options, parse_settings
 
 NORMS = ("2", "inf")

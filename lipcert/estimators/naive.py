@@ -16,10 +16,10 @@ import numpy as np
 
 from ..ir import ops as O
 from ..ir.graph import Graph, Node
+from ..rounding import add_up, mul_up, sqrt_up
 from ..soundness import checked, poison
 from .base import Bound, Estimator, cached_factor, register
 from .common import norms as N
-from .common.rounding import add_up, mul_up, sqrt_up
 
 
 def _one(op, node, in_shape, norm):

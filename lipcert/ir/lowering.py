@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import MethodNotApplicable
-from ..estimators.common.rounding import gamma
+from ..rounding import gamma
 from . import evaluate
 from . import linear_operators as L
 from . import ops as O

@@ -1,1 +1,2 @@
-"""Numerics shared by several methods: directed rounding, per-layer norms, input regions."""
+"""Numerics shared by several methods: per-layer norms, input regions (directed rounding
+is one level lower, in lipcert.rounding: the IR uses it too)."""

@@ -12,7 +12,7 @@ import torch
 
 from ...ir import evaluate
 from ...ir import ops as O
-from .rounding import EPS, sqrt_up, svd_margin, up
+from ...rounding import EPS, sqrt_up, svd_margin, up
 
 DENSE_SVD_LIMIT = 4096  # exact SVD when the smaller side is at most this
 

@@ -26,8 +26,8 @@ import math
 import numpy as np
 import torch
 
-from ..common.rounding import UNIT_ROUNDOFF as U
-from ..common.rounding import rump_shift
+from ...rounding import UNIT_ROUNDOFF as U
+from ...rounding import rump_shift
 
 
 def unit_exponent(w: np.ndarray) -> int:

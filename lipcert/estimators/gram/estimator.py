@@ -34,10 +34,10 @@ import torch
 from ...ir import evaluate
 from ...ir import ops as O
 from ...ir.graph import Graph, Node
+from ...rounding import mul_up
 from ...soundness import checked, poison
 from ..base import Bound, Estimator, cached_factor, options_key, register
 from ..common import norms as N
-from ..common.rounding import mul_up
 from ..naive import MULTI, UNARY, propagate
 from ..settings import setting
 from . import exact_banded

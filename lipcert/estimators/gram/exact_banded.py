@@ -23,7 +23,7 @@ import numpy as np
 import scipy.sparse.linalg as spla
 import torch
 
-from ..common.rounding import UNIT_ROUNDOFF as U
+from ...rounding import UNIT_ROUNDOFF as U
 from .core import unit_exponent
 from .semi_circular import _lanczos_top, _pairs, _reads, banded_operator_norm
 

@@ -31,8 +31,8 @@ import math
 import numpy as np
 import torch
 
-from ..common.rounding import UNIT_ROUNDOFF as U
-from ..common.rounding import up
+from ...rounding import UNIT_ROUNDOFF as U
+from ...rounding import up
 from .core import (
     _fro_upper,
     _gamma,

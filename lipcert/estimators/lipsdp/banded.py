@@ -14,7 +14,7 @@ import math
 import numpy as np
 import scipy.linalg as sla
 
-from ..common.rounding import rump_shift
+from ...rounding import rump_shift
 from .eigen import top_eigenpairs
 from .lmi import BlockTridiagonal
 

@@ -16,9 +16,9 @@ from typing import Any  # noqa: F401
 
 import numpy as np
 
+from ...rounding import UNIT_ROUNDOFF as U
+from ...rounding import mul_up, sum_up
 from ..common.progress import report
-from ..common.rounding import UNIT_ROUNDOFF as U
-from ..common.rounding import mul_up, sum_up
 from .banded import (
     frobenius,
     input_schur,

@@ -30,9 +30,9 @@ from ...ir.chain import DenseChain, dense_chain
 from ...ir.graph import Graph
 from ...ir.lowering import CHAIN_LINEAR_OPS, UNROLLABLE
 from ...ir.residual import residual_parts
+from ...rounding import mul_up
 from ...soundness import checked, poison
 from ..base import Bound, Estimator, register
-from ..common.rounding import mul_up
 from ..settings import setting
 from .lmi import GroupQC
 from .subchains import affine_norm, bound_subchain, split_chain

@@ -35,7 +35,7 @@ import torch
 from ...errors import InternalCheckFailed
 from ...ir import ops as O
 from ...ir.lowering import AffineDag
-from ..common.rounding import gamma
+from ...rounding import gamma
 from .jacobian import ForwardBounds, forward_bounds, jacobian_bound, root_forward_bounds
 
 #: split domains get optimised bounds (alpha/beta) when a batch costs at most this many times

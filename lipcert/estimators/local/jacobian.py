@@ -99,6 +99,15 @@ def rounding_weights(r: Relaxation, magnitude: torch.Tensor, slack: float) -> to
                           torch.maximum(r.dl.abs(), r.du.abs()))
     icpt = torch.maximum(r.il.abs(), r.iu.abs())
     value = torch.maximum(r.bl.abs(), r.bu.abs())
+    return step_pad(slope, icpt, value, magnitude, slack)
+
+
+def step_pad(slope: torch.Tensor, icpt: torch.Tensor, value: torch.Tensor,
+             magnitude: torch.Tensor, slack: float) -> torch.Tensor:
+    """slack (2 |slope| magnitude + 3 |intercept| + |value|): the pad per unit of |p| of one
+    substitution step through lines of largest |slope| ``slope`` and |intercept| ``icpt`` for
+    a value bounded by ``value``, over an input whose summed terms have ``magnitude`` (the
+    three parts are derived in :func:`rounding_weights`)."""
     return slack * (2.0 * slope * magnitude + 3.0 * icpt + value)
 
 
@@ -409,8 +418,7 @@ class _Adjoint:
         slope = torch.maximum(al.abs(), au.abs())
         icpt = torch.maximum((bl - pad).abs(), (bu + pad).abs())
         value = torch.maximum(self.ylo[m].abs(), self.yhi[m].abs())
-        self.rounding[m] = self.dag.slack * (2.0 * slope * self.magnitude[m] + 3.0 * icpt
-                                             + value)
+        self.rounding[m] = step_pad(slope, icpt, value, self.magnitude[m], self.dag.slack)
 
 
 def jacobian_bound(dag: AffineDag, fwd: ForwardBounds, c: torch.Tensor,
