@@ -9,7 +9,9 @@ ops' exact linear parts (in float64). Then
     z_k = sum_{j<k} M[k][j] B_j + c_k,   B_k = sigma_k(z_k),   f = sum_j M_out[j] B_j + c_out,
 
 which is the form bound propagation works on (residual connections are extra M[k][j]).
-Used by the ``local`` estimator and by LipSDP for conv layers.
+With ``max_ops`` a max-type op (MaxPool, Extremum, ReduceMax/Min) is written exactly as a
+GroupSort of its windows followed by a selection of each window's largest value
+(:func:`max_groups`). Used by the ``local`` estimator and by LipSDP for conv layers.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ _ACTIVATIONS = O.ELEMENTWISE_ACTIVATIONS
 LINEAR_OPS = (O.Dense, O.Conv, O.ConvTranspose, O.Scale, O.Add, O.Concat, O.Reshape, O.Transpose,
            O.Slice, O.Pad, O.AvgPool, O.GlobalAvgPool)
 UNROLLABLE = LINEAR_OPS + _ACTIVATIONS  # the IR ops build_affine_dag accepts
+#: ops build_affine_dag(max_ops=True) writes as a GroupSort of windows and a selection
+MAX_OPS = (O.MaxPool, O.Extremum, O.Reduce)
 CHAIN_LINEAR_OPS = tuple(op for op in LINEAR_OPS if op not in (O.Add, O.Concat))  # 1 input
 
 
@@ -298,9 +302,102 @@ def flat_group_sort(op: O.GroupSort, shape: tuple[int, ...]) -> O.GroupSort:
     return O.GroupSort(1, groups.reshape(-1, groups.shape[-1]))
 
 
-def build_affine_dag(graph: Graph, method: str, max_entries: int = MAX_ENTRIES) -> AffineDag:
+def max_groups(op: O.Op, in_shapes: list[tuple[int, ...]], out_shape: tuple[int, ...]
+               ) -> tuple[list[np.ndarray], float]:
+    """(windows, sign): output i of the max-type ``op`` is sign * max_e sign * x[windows[i][e]],
+    x the op's inputs flattened and laid end to end (sign -1 for min: min(a) = -max(-a)).
+    MaxPool's windows leave out its -inf padding (so they may differ in size)."""
+    sign = -1.0 if getattr(op, "mode", "max") == "min" else 1.0
+    if isinstance(op, O.Extremum):
+        offsets = np.cumsum([0] + [int(np.prod(s)) for s in in_shapes])
+        cols = [np.broadcast_to(np.arange(int(np.prod(s))).reshape(s) + off, out_shape)
+                for s, off in zip(in_shapes, offsets, strict=False)]
+        return list(np.stack(cols, -1).reshape(-1, len(cols))), sign
+    (shape,) = in_shapes
+    flat = np.arange(int(np.prod(shape))).reshape(shape)
+    if isinstance(op, O.Reduce):
+        axes = [a % len(shape) for a in op.axes]
+        moved = np.moveaxis(flat, axes, list(range(len(shape) - len(axes), len(shape))))
+        width = int(np.prod([shape[a] for a in axes]))
+        return list(moved.reshape(-1, width)), sign
+    if not isinstance(op, O.MaxPool) or len(shape) != 4 or len(out_shape) != 4:
+        raise MethodNotApplicable(f"no window rule for {op.kind} on shape {shape}")
+    (kh, kw), (sh, sw), (dh, dw) = op.kernel, op.stride, op.dilation
+    top, left = op.pads[0], op.pads[1]
+    windows = []
+    for oh in range(out_shape[2]):
+        hs = [h for h in (oh * sh - top + i * dh for i in range(kh)) if 0 <= h < shape[2]]
+        for ow in range(out_shape[3]):
+            ws = [w for w in (ow * sw - left + j * dw for j in range(kw)) if 0 <= w < shape[3]]
+            if not hs or not ws:
+                raise MethodNotApplicable(f"{op.kind} has a window with no input position")
+            windows.append((np.array(hs)[:, None], np.array(ws)[None, :]))
+    lead = flat.reshape(-1, shape[2], shape[3])  # (N*C, H, W), windows in output order
+    return [lead[c][hw].reshape(-1) for c in range(lead.shape[0]) for hw in windows], sign
+
+
+def _gathered(inputs: list[Affine], index: np.ndarray, sign: float,
+              widths: dict[int, int]) -> Affine:
+    """Rows ``index`` of the inputs laid end to end, times ``sign``: a copy of computed
+    values, exact (rounding scales copied row for row, their autograd history kept)."""
+    idx = torch.as_tensor(np.ascontiguousarray(index).reshape(-1), dtype=torch.long)
+    dtype = torch.float64
+
+    def rows(tensors: list[torch.Tensor | None], width: int | None) -> torch.Tensor:
+        full = [t if t is not None else
+                torch.zeros((a.bias.numel(),) if width is None else (a.bias.numel(), width),
+                            dtype=dtype) for t, a in zip(tensors, inputs, strict=True)]
+        return torch.cat(full)[idx]
+
+    bases = sorted({j for a in inputs for j in (*a.maps, *a.row_mag)})
+    maps = {j: sign * rows([a.maps.get(j) for a in inputs], widths[j]) for j in bases}
+    row_mag = {j: rows([a.row_mag.get(j) for a in inputs], None) for j in bases
+               if any(j in a.row_mag for a in inputs)}
+    return Affine({j: m for j, m in maps.items() if torch.any(m != 0)},
+                  sign * rows([a.bias for a in inputs], None), {}, row_mag, {},
+                  rows([a.bias_mag for a in inputs], None))
+
+
+def _selected(parts: list[tuple[np.ndarray, Affine]], size: int) -> Affine:
+    """The value whose rows ``rows`` are those of each part's Affine (disjoint rows, exact
+    0/1 selections): maps, bias and scales placed row by row."""
+    dtype = torch.float64
+    maps: dict[int, torch.Tensor] = {}
+    row_mag: dict[int, torch.Tensor] = {}
+    col_mag: dict[int, torch.Tensor] = {}
+    bias = torch.zeros(size, dtype=dtype)
+    bias_mag = torch.zeros(size, dtype=dtype)
+    for rows, a in parts:
+        r = torch.as_tensor(rows, dtype=torch.long)
+        bias[r] = a.bias
+        bias_mag[r] = a.bias_mag
+        for j, m in a.maps.items():
+            maps.setdefault(j, torch.zeros((size, m.shape[1]), dtype=dtype))[r] = m
+        for j, v in a.row_mag.items():
+            row_mag[j] = (row_mag[j] if j in row_mag else torch.zeros(size, dtype=dtype)
+                          ).index_put((r,), v)  # out of place: keeps v's autograd history
+        for j, v in a.col_mag.items():
+            col_mag[j] = col_mag[j] + v if j in col_mag else v
+    return Affine(maps, bias, {}, row_mag, col_mag, bias_mag)
+
+
+def _group_leaders(n_groups: int, g: int, base: int, ones: torch.Tensor, sign: float
+                   ) -> Affine:
+    """sign times the first position of each group of g in base ``base`` (where GroupSort
+    writes the group's largest value)."""
+    first = torch.arange(n_groups) * g
+    select = torch.zeros((n_groups, n_groups * g), dtype=torch.float64)
+    select[torch.arange(n_groups), first] = sign
+    return Affine({base: select}, torch.zeros(n_groups, dtype=torch.float64), {},
+                  {base: ones[first]}, {base: select.abs().sum(0)},
+                  torch.zeros(n_groups, dtype=torch.float64))
+
+
+def build_affine_dag(graph: Graph, method: str, max_entries: int = MAX_ENTRIES,
+                     max_ops: bool = False) -> AffineDag:
     """Unroll ``graph`` into an :class:`AffineDag`; ops other than linear ones and elementwise
-    activations are refused by node name."""
+    activations (and with ``max_ops`` the :data:`MAX_OPS`, as GroupSorts) are refused by
+    node name."""
     n0 = int(np.prod(graph.input_shape))
     leaves = {0: torch.ones(n0, dtype=torch.float64, requires_grad=True)}
     values: dict[str, Affine] = {graph.input: _identity(n0, 0, leaves[0])}
@@ -322,6 +419,40 @@ def build_affine_dag(graph: Graph, method: str, max_entries: int = MAX_ENTRIES) 
             values[node.output] = _identity(size, k, leaves[k])
             depths[node.output] = 0
             continue
+        if max_ops and isinstance(op, MAX_OPS):
+            windows, sign = max_groups(op, [graph.shape_of(i) for i in node.inputs],
+                                       node.shape)
+            inputs = [values[i] for i in node.inputs]
+            bases = {j for a in inputs for j in a.maps}
+            expected = sum(len(w) for w in windows) * sum(sizes[j] for j in bases)
+            if total + expected > max_entries:
+                raise MethodNotApplicable(
+                    f"method {method} writes {op.kind} at node {node.source!r} as a GroupSort "
+                    f"of its windows, which takes the unrolled matrices past {max_entries:,} "
+                    "entries; raise -o max_entries=N if memory allows")
+            parts = []  # one GroupSort per window size (a window of one is its value)
+            for g in sorted({len(w) for w in windows}):
+                rows = np.array([i for i, w in enumerate(windows) if len(w) == g])
+                index = np.stack([windows[i] for i in rows])
+                gathered = _gathered(inputs, index, sign if g > 1 else 1.0,
+                                     dict(enumerate(sizes)))
+                total += gathered.entries
+                if g == 1:
+                    parts.append((rows, gathered))
+                    continue
+                k = len(sizes)
+                pre.append(_with_column_scales(gathered, leaves))
+                acts.append(O.GroupSort(1, np.arange(index.size).reshape(index.shape)))
+                sizes.append(index.size)
+                largest = max(largest, index.size)
+                sources.append(f"{node.source} ({op.kind} as a GroupSort of its "
+                               f"{g}-element windows)")
+                leaves[k] = torch.ones(index.size, dtype=torch.float64, requires_grad=True)
+                parts.append((rows, _group_leaders(len(rows), g, k, leaves[k], sign)))
+            values[node.output] = _selected(parts, size)
+            depths[node.output] = max(depths[i] for i in node.inputs) if any(
+                len(w) == 1 for w in windows) else 0
+            continue
         if not isinstance(op, LINEAR_OPS):
             raise MethodNotApplicable(
                 f"method {method} does not support op {op.kind} at node {node.source!r}")
@@ -341,16 +472,17 @@ def build_affine_dag(graph: Graph, method: str, max_entries: int = MAX_ENTRIES) 
     return AffineDag(sizes, acts, pre, out, sources, depth=depth, largest=largest)
 
 
-_DAG_CACHE: list[tuple[weakref.ref, str, int, AffineDag]] = []
+_DAG_CACHE: list[tuple[weakref.ref, str, tuple[int, bool], AffineDag]] = []
 
 
-def cached_affine_dag(graph: Graph, method: str, max_entries: int = MAX_ENTRIES) -> AffineDag:
+def cached_affine_dag(graph: Graph, method: str, max_entries: int = MAX_ENTRIES,
+                      max_ops: bool = False) -> AffineDag:
     """:func:`build_affine_dag`, remembered for the last few graphs (certification bounds the
     same graph on every sample's box). Graphs are immutable, so the unrolled DAG stays valid."""
     for ref, m, limit, dag in _DAG_CACHE:
-        if ref() is graph and m == method and limit == max_entries:
+        if ref() is graph and m == method and limit == (max_entries, max_ops):
             return dag
-    dag = build_affine_dag(graph, method, max_entries)
-    _DAG_CACHE.insert(0, (weakref.ref(graph), method, max_entries, dag))
+    dag = build_affine_dag(graph, method, max_entries, max_ops)
+    _DAG_CACHE.insert(0, (weakref.ref(graph), method, (max_entries, max_ops), dag))
     del _DAG_CACHE[4:]
     return dag

@@ -1,4 +1,5 @@
-"""GroupSort written exactly as ReLUs: a sorting network of compare-exchange steps.
+"""GroupSort written exactly as ReLUs: a sorting network of compare-exchange steps (a
+knockout tournament where only each group's largest value is read: a max-type op).
 
 A compare-exchange of a pair (a, b) that writes the larger value to a's position is
 
@@ -49,6 +50,47 @@ def comparator_stages(g: int) -> list[list[tuple[int, int]]]:
             k //= 2
         p *= 2
     return stages
+
+
+def tournament_stages(g: int) -> list[list[tuple[int, int]]]:
+    """The g - 1 compare-exchanges in ceil(log2 g) stages after which position 0 holds the
+    largest of g values (a knockout tournament: stage s pairs i and i + 2^s for i a multiple
+    of 2^(s + 1)). The other positions hold the remaining values in some order: enough
+    where nothing reads them (:func:`_reads_leaders_only`)."""
+    stages, step = [], 1
+    while step < g:
+        stages.append([(i, i + step) for i in range(0, g - step, 2 * step)])
+        step *= 2
+    return stages
+
+
+def _reads_leaders_only(dag: AffineDag, k: int, groups: np.ndarray) -> bool:
+    """True when no map after activation k reads base k outside the groups' first positions:
+    every such column is zero in the map and in its column scale (a sum of absolute values,
+    so exactly zero only when the exact map's column is; Affine.col_mag). Then any network
+    that leaves each group's largest value in its first position computes the same f."""
+    leaders = np.zeros(dag.sizes[k], dtype=bool)
+    leaders[np.asarray(groups)[:, 0]] = True
+    for affine in (*dag.pre[k:], dag.out):
+        m, scale = affine.maps.get(k), affine.col_mag.get(k)
+        if m is not None and torch.any(m[:, ~torch.as_tensor(leaders, device=m.device)] != 0):
+            return False
+        if scale is None:
+            if k in affine.row_mag:
+                return False  # scales without column sums: nothing is known
+            continue
+        if torch.any(scale[~torch.as_tensor(leaders, device=scale.device)] != 0):
+            return False
+    return True
+
+
+def _network(dag: AffineDag, k: int, op: O.GroupSort) -> list[list[tuple[int, int]]]:
+    """The compare-exchange stages for activation k: a tournament where only the groups'
+    largest values are read (a max written as GroupSort, :func:`.lowering.max_groups`),
+    else the full sorting network."""
+    g = op.groups.shape[1]
+    return tournament_stages(g) if _reads_leaders_only(dag, k, op.groups) \
+        else comparator_stages(g)
 
 
 def _compose(affine: Affine, values: dict[int, Affine], exact: dict[int, set[int]],
@@ -108,6 +150,8 @@ def expand_group_sorts(dag: AffineDag) -> AffineDag:
     if not any(isinstance(op, O.GroupSort) for op in dag.acts):
         return dag
     n0, device = dag.sizes[0], dag.device
+    networks = {k: _network(dag, k, op) for k, op in enumerate(dag.acts, start=1)
+                if isinstance(op, O.GroupSort)}
     values: dict[int, Affine] = {0: Affine.exact(
         {0: torch.eye(n0, dtype=torch.float64, device=device)},
         torch.zeros(n0, dtype=torch.float64, device=device))}
@@ -126,7 +170,7 @@ def expand_group_sorts(dag: AffineDag) -> AffineDag:
             sources.append(dag.sources[k - 1])
             continue
         v, exact[k] = z, set()
-        stages = comparator_stages(op.groups.shape[1])
+        stages = networks[k]
         for s, stage in enumerate(stages, start=1):
             d, e = _pair_matrices(op.groups, stage, dag.sizes[k], device)
             pre.append(v.then(d))
@@ -140,8 +184,7 @@ def expand_group_sorts(dag: AffineDag) -> AffineDag:
         values[k] = v
     out = _compose(dag.out, values, exact, dag.out.bias.numel())
     # every stage composes one more product into the maps after it, and _compose one more
-    stages = max(len(comparator_stages(op.groups.shape[1])) for op in dag.acts
-                 if isinstance(op, O.GroupSort))
+    stages = max(len(network) for network in networks.values())
     depth, largest = dag.deeper(stages + 2, max(sizes))
     return AffineDag(sizes, acts, pre, out, sources, depth=depth, largest=largest)
 

@@ -115,6 +115,20 @@ def _upper(dag: AffineDag, k: int, relaxes: list[Relaxation], xl: torch.Tensor,
     return const + dag.slack * mag.detach()
 
 
+def _ancestors(dag: AffineDag, k: int) -> set[int]:
+    """The activations z_k depends on (bases reached from pre[k - 1] through the DAG's maps):
+    only their slopes and splits can move its bound (parallel branches, e.g. a MaxPool's
+    windows of several sizes, have none in common)."""
+    seen: set[int] = set()
+    todo = [j for j in dag.pre[k - 1].maps if j > 0]
+    while todo:
+        j = todo.pop()
+        if j not in seen:
+            seen.add(j)
+            todo.extend(i for i in dag.pre[j - 1].maps if i > 0)
+    return seen
+
+
 def optimized_crown(dag: AffineDag, k: int, relaxes: list[Relaxation], xl: torch.Tensor,
                     xu: torch.Tensor, rows: torch.Tensor, splits: list[torch.Tensor] | None,
                     iterations: int, deadline: float = math.inf
@@ -126,15 +140,16 @@ def optimized_crown(dag: AffineDag, k: int, relaxes: list[Relaxation], xl: torch
     d, r = xl.shape[0], rows.numel()
     masks: dict[int, torch.Tensor] = {}
     ranges: dict[int, tuple[float, float]] = {}
+    reach = _ancestors(dag, k)
     for j in range(1, k):
         rng = _slope_range(dag.acts[j - 1])
-        if rng is not None and bool(relaxes[j - 1].mixed.any()):
+        if j in reach and rng is not None and bool(relaxes[j - 1].mixed.any()):
             masks[j], ranges[j] = relaxes[j - 1].mixed, rng
     signs: dict[int, torch.Tensor] = {}
     if splits is not None:
         for j in range(1, k + 1):
             s = splits[j - 1]
-            if bool((s != 0).any()):
+            if (j == k or j in reach) and bool((s != 0).any()):
                 signs[j] = s.to(xl.dtype)
     if not masks and not signs:
         return None
@@ -171,7 +186,8 @@ def optimized_crown(dag: AffineDag, k: int, relaxes: list[Relaxation], xl: torch
         # a NaN iterate is skipped (fmin); the CROWN start is checked by the caller
         best = detached if best is None else torch.fmin(best, detached)
         history.append(float(best.sum()))
-        if step == iterations or _stalled(history) or time.perf_counter() > deadline:
+        if step == iterations or _stalled(history) or time.perf_counter() > deadline \
+                or not value.requires_grad:  # no free slope reaches z_k (parallel branches)
             break
         opt.zero_grad(set_to_none=True)
         value.sum().backward()
