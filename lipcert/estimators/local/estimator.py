@@ -106,7 +106,8 @@ def _global_cap(graph: Graph, norm: str) -> float:
     try:
         for node in graph.nodes:
             naive.handler(node)
-        value = naive.compute(graph, norm).upper
+        with torch.device("cpu"):  # naive's norms run on the host, whatever the default
+            value = naive.compute(graph, norm).upper
     except MethodNotApplicable:
         return math.inf
     return float(value) if value is not None and value >= 0 else math.inf
